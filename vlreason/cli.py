@@ -1,0 +1,163 @@
+"""The ``vlreason`` command line.
+
+    vlreason data check FILE.jsonl [FILE ...]       validate every line and every image
+    vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
+    vlreason rewards list                           built-in, registered and entry-point rewards
+    vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import yaml
+
+from vlreason.data import check_jsonl, read_jsonl
+from vlreason.data.synth import TASKS, synthesize
+from vlreason.registry import PluginError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (PluginError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlreason", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    data = commands.add_parser("data", help="check or synthesize data files").add_subparsers(metavar="ACTION")
+    check = data.add_parser("check", help="validate JSONL files: every line, every image")
+    check.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    check.set_defaults(run=run_data_check)
+    synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
+    synth.add_argument("task", choices=sorted(TASKS))
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=112, help="square image side in pixels (default 112)")
+    synth.set_defaults(run=run_data_synth)
+
+    rewards = commands.add_parser("rewards", help="list rewards or try one on data").add_subparsers(metavar="ACTION")
+    listing = rewards.add_parser("list", help="list available rewards")
+    listing.set_defaults(run=run_rewards_list)
+    score = rewards.add_parser("check", help="score a data file's reference answers with rewards")
+    score.add_argument("specs", nargs="+", metavar="SPEC", help="reward name, module:attr or file.py:attr")
+    score.add_argument("--data", required=True, metavar="FILE.jsonl")
+    score.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="reward option (YAML value); only with a single SPEC")
+    score.add_argument("--show", type=int, default=20, help="rows of the per-sample table (default 20)")
+    score.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    score.set_defaults(run=run_rewards_check)
+    return parser
+
+
+def run_data_check(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        valid, problems = check_jsonl(path)
+        for problem in problems:
+            print(problem)
+        lines = len({p.line for p in problems})
+        print(f"{path}: {valid} valid sample(s), {len(problems)} problem(s) on {lines} line(s)")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+def run_data_synth(args: argparse.Namespace) -> int:
+    path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {args.n} {args.task} samples to {path}")
+    return 0
+
+
+def run_rewards_list(args: argparse.Namespace) -> int:
+    from vlreason.rewards import get_reward, list_rewards
+    from vlreason.rewards.api import REWARDS, required_columns
+
+    rows = []
+    for name in list_rewards():
+        try:
+            needs = ", ".join(required_columns(get_reward(name))) or "-"
+        except (PluginError, TypeError):
+            needs = "(needs options)"
+        summary = (inspect.getdoc(REWARDS.resolve(name)) or "").split("\n")[0]
+        rows.append((name, needs, summary))
+    print(_format_table(("reward", "needs columns", "what it scores"), rows))
+    print("\nOther rewards are named 'package.module:attr' or 'path/to/file.py:attr' (see rewards/README.md).")
+    return 0
+
+
+def run_rewards_check(args: argparse.Namespace) -> int:
+    from vlreason.rewards import RewardScorer, check_columns, get_reward, parsed_columns
+
+    if args.option and len(args.specs) > 1:
+        raise ValueError("--option applies to a single SPEC; check rewards with options one at a time")
+    options = dict(_parse_option(o) for o in args.option)
+    rewards = {spec: get_reward(spec, **options) for spec in args.specs}
+    data = read_jsonl(args.data)
+    check_columns(rewards, data.columns, args.data)
+    samples = [s for s in data.samples if s.response is not None]
+    if not samples:
+        raise ValueError(f"{args.data}: no sample has a reference response ('response' or a final assistant "
+                         "message), and rewards check scores reference responses")
+    completions = [s.response for s in samples]
+    columns = {name: [s.columns().get(name) for s in samples] for name in data.columns}
+    columns |= parsed_columns(completions, [s.image_sizes for s in samples])
+    table = RewardScorer(rewards, on_error=args.on_error)(completions, columns)
+    print(_score_report(table, samples, args.show))
+    if len(samples) < len(data.samples):
+        print(f"({len(data.samples) - len(samples)} sample(s) without a reference response were left out)")
+    return 0
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option {text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
+def _score_report(table, samples, show: int) -> str:
+    rows = [(str(i), samples[i].id, *(_cell(v) for v in table.values[i])) for i in range(min(show, len(samples)))]
+    header = ("#", "id", *table.names)
+    per_sample = _format_table(header, rows)
+    values = table.values
+    applicable = ~np.isnan(values)
+    summary = []
+    for label, fn in (("mean", np.nanmean), ("min", np.nanmin), ("max", np.nanmax)):
+        cells = [_cell(fn(values[:, j])) if applicable[:, j].any() else "-" for j in range(values.shape[1])]
+        summary.append((label, "", *cells))
+    summary.append(("n/a", "", *(str(int((~applicable[:, j]).sum())) for j in range(values.shape[1]))))
+    summary.append(("failed", "", *(str(table.failures.get(n, 0)) for n in table.names)))
+    more = f"... {len(samples) - show} more sample(s)\n" if len(samples) > show else ""
+    return f"{per_sample}\n{more}\n{_format_table(('over ' + str(len(samples)), '', *table.names), summary)}"
+
+
+def _cell(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.3f}"
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The sample schema: one JSON object per line of a JSONL file.
+
+A line holds the conversation, its media and its ground truth::
+
+    {"id": "g-17",
+     "images": ["images/17.png"],                      # paths relative to the JSONL file
+     "prompt": "Where is the red triangle?",
+     "response": "<think>...</think><answer>[12, 30, 40, 58]</answer>",   # optional (SFT)
+     "boxes": [[12, 30, 40, 58]], "labels": ["red triangle"]}
+
+Instead of ``prompt``/``response`` a line may give ``messages`` in chat form, with one
+``{"type": "image"}`` part per entry of ``images`` (and ``{"type": "video"}`` per video).
+``prompt`` puts the images first, then the text. An optional ``system`` string goes with
+``prompt``.
+
+Ground-truth fields (all optional, validated when present):
+
+* ``answer``: the reference answer as text (numbers are accepted and kept as text);
+* ``choices``: options of a multiple-choice question; ``answer`` is then a letter (A, B, ...)
+  or one of the options;
+* ``boxes``: ``[[x1, y1, x2, y2], ...]`` in pixels of the *original* first image;
+* ``labels``: one class name per box; ``label``: a class name, or a list for multi-label;
+* ``count``: a non-negative integer.
+
+Any other field is an extra column, passed unchanged to reward functions by name.
+Boxes written inside ``response`` text are in original-image pixels too.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlreason.vision.boxes import Box, Size, as_box, box_problem
+
+Message = dict[str, Any]  # {"role": ..., "content": str | [{"type": "text"|"image"|"video", ...}]}
+SizeReader = Callable[[str], Size]  # (width, height) of an image, or ValueError with the reason
+
+GROUND_TRUTH_FIELDS = ("answer", "choices", "boxes", "labels", "label", "count")
+STRUCTURE_FIELDS = ("id", "messages", "prompt", "response", "system", "images", "videos")
+# Names the reward scorer fills in itself; a data column must not shadow them.
+RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "pred_answer", "pred_think", "pred_boxes",
+                    "image_sizes", "trainer_state")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Sample:
+    """One validated line of a data file."""
+
+    id: str
+    messages: list[Message]
+    images: list[str]  # absolute paths or data URIs
+    videos: list[str]
+    image_sizes: list[Size]  # original (width, height) of each image
+    source: str  # "file.jsonl:17", for messages about this sample
+    answer: str | None = None
+    choices: list[str] | None = None
+    boxes: list[Box] | None = None
+    labels: list[str] | None = None
+    label: str | list[str] | None = None
+    count: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def response(self) -> str | None:
+        """Text of the final assistant message (the reference completion), if the sample has one."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            return None
+        content = self.messages[-1]["content"]
+        if isinstance(content, str):
+            return content
+        return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+    @property
+    def prompt_messages(self) -> list[Message]:
+        """The conversation without its final assistant message."""
+        return self.messages[:-1] if self.response is not None else list(self.messages)
+
+    def columns(self) -> dict[str, Any]:
+        """Ground truth and extra columns, by name, as reward functions receive them."""
+        return {"id": self.id, **{name: getattr(self, name) for name in GROUND_TRUTH_FIELDS}, **self.extra}
+
+
+class FieldProblems:
+    """Collects ``(field, message)`` problems while one record is validated."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, name: str, message: str) -> None:
+        self.items.append((name, message))
+
+
+def parse_sample(record: Any, base_dir: Path, source: str, sizes: SizeReader) -> tuple[Sample | None, list]:
+    """Validate one decoded JSON record.
+
+    Args:
+        record: the decoded line.
+        base_dir: folder that relative media paths are resolved against.
+        source: ``file:line`` for the sample's id and messages.
+        sizes: reads an image's ``(width, height)``; raises ``ValueError`` with a reason.
+
+    Returns:
+        The sample (None when any problem was found) and the ``(field, message)`` problems.
+    """
+    problems = FieldProblems()
+    if not isinstance(record, dict):
+        problems.add("line", f"expected a JSON object, got {type(record).__name__}")
+        return None, problems.items
+    for name in RESERVED_COLUMNS:
+        if name in record:
+            problems.add(name, "this name is reserved for what the reward scorer computes; rename the field")
+    images = _media_list(record, "images", base_dir, problems)
+    videos = _media_list(record, "videos", base_dir, problems)
+    image_sizes = _image_sizes(images, sizes, problems)
+    messages = _messages(record, len(images), len(videos), problems)
+    truth = _ground_truth(record, image_sizes[0] if image_sizes else None, bool(images), problems)
+    if problems.items:
+        return None, problems.items
+    known = set(GROUND_TRUTH_FIELDS) | set(STRUCTURE_FIELDS)
+    extra = {key: value for key, value in record.items() if key not in known}
+    sample = Sample(id=str(record.get("id", source)), messages=messages, images=images, videos=videos,
+                    image_sizes=image_sizes, source=source, extra=extra, **truth)
+    return sample, []
+
+
+def _media_list(record: dict, name: str, base_dir: Path, problems: FieldProblems) -> list[str]:
+    value = record.get(name, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        problems.add(name, "must be a list of file paths (relative to the JSONL file) or data URIs")
+        return []
+    return [v if v.startswith("data:") else str((base_dir / v).resolve()) for v in value]
+
+
+def _image_sizes(images: list[str], sizes: SizeReader, problems: FieldProblems) -> list[Size]:
+    found = []
+    for index, image in enumerate(images):
+        try:
+            found.append(sizes(image))
+        except ValueError as exc:
+            problems.add(f"images[{index}]", str(exc))
+    return found
+
+
+def _messages(record: dict, n_images: int, n_videos: int, problems: FieldProblems) -> list[Message]:
+    has_messages, has_prompt = "messages" in record, "prompt" in record
+    if has_messages == has_prompt:
+        problems.add("messages", "give either 'messages' or 'prompt' (with an optional 'response'), not "
+                     + ("both" if has_messages else "neither"))
+        return []
+    if has_prompt:
+        return _messages_from_prompt(record, n_images, n_videos, problems)
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        problems.add("messages", "must be a non-empty list of {'role': ..., 'content': ...} objects")
+        return []
+    counts = {"image": 0, "video": 0}
+    for index, message in enumerate(messages):
+        _check_message(message, f"messages[{index}]", counts, problems)
+    if counts["image"] != n_images:
+        problems.add("messages", f"{counts['image']} image parts but {n_images} entries in 'images'")
+    if counts["video"] != n_videos:
+        problems.add("messages", f"{counts['video']} video parts but {n_videos} entries in 'videos'")
+    return messages
+
+
+def _messages_from_prompt(record: dict, n_images: int, n_videos: int, problems: FieldProblems) -> list[Message]:
+    for name in ("prompt", "response", "system"):
+        if name in record and not isinstance(record[name], str):
+            problems.add(name, "must be a string")
+    if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+        problems.add("prompt", "must be a non-empty string")
+        return []
+    media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+    messages: list[Message] = []
+    if isinstance(record.get("system"), str):
+        messages.append({"role": "system", "content": record["system"]})
+    messages.append({"role": "user", "content": [*media, {"type": "text", "text": record["prompt"]}]})
+    if isinstance(record.get("response"), str):
+        messages.append({"role": "assistant", "content": record["response"]})
+    return messages
+
+
+def _check_message(message: Any, where: str, counts: dict[str, int], problems: FieldProblems) -> None:
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        problems.add(where, f"must be an object with 'role' in {ROLES} and 'content'")
+        return
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        problems.add(f"{where}.content", "must be a string or a list of parts")
+        return
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in counts:
+            counts[kind] += 1
+        elif kind != "text" or not isinstance(part.get("text"), str):
+            problems.add(f"{where}.content[{index}]", "must be {'type': 'text', 'text': str}, "
+                         "{'type': 'image'} or {'type': 'video'}")
+
+
+def _ground_truth(record: dict, image_size: Size | None, has_image: bool, problems: FieldProblems) -> dict:
+    truth: dict[str, Any] = {}
+    if "answer" in record:
+        truth["answer"] = _answer(record["answer"], problems)
+    if "choices" in record:
+        truth["choices"] = _string_list(record["choices"], "choices", problems, min_len=2)
+        _check_choice_answer(truth.get("answer"), truth["choices"], problems)
+    if "boxes" in record:
+        truth["boxes"] = _boxes(record["boxes"], image_size, has_image, problems)
+    if "labels" in record:
+        truth["labels"] = _string_list(record["labels"], "labels", problems, min_len=0)
+        n_boxes = len(truth.get("boxes") or [])
+        if truth["labels"] is not None and len(truth["labels"]) != n_boxes:
+            problems.add("labels", f"{len(truth['labels'])} labels for {n_boxes} boxes; give one label per box")
+    if "label" in record:
+        truth["label"] = _label(record["label"], problems)
+    if "count" in record:
+        count = record["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            problems.add("count", f"must be a non-negative integer, got {count!r}")
+        truth["count"] = count
+    return truth
+
+
+def _answer(value: Any, problems: FieldProblems) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        problems.add("answer", f"must be text or a number, got {type(value).__name__}")
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.add("answer", "is NaN or infinite")
+        return None
+    return value if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _string_list(value: Any, name: str, problems: FieldProblems, min_len: int) -> list[str] | None:
+    if not isinstance(value, list) or len(value) < min_len or not all(isinstance(v, str) and v for v in value):
+        problems.add(name, f"must be a list of at least {min_len} non-empty strings")
+        return None
+    return value
+
+
+def _label(value: Any, problems: FieldProblems) -> str | list[str] | None:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list):
+        return _string_list(value, "label", problems, min_len=1)
+    problems.add("label", "must be a non-empty string, or a list of strings for multi-label")
+    return None
+
+
+def _check_choice_answer(answer: str | None, choices: list[str] | None, problems: FieldProblems) -> None:
+    if answer is None or choices is None:
+        return
+    letters = string.ascii_uppercase[: len(choices)]
+    in_letters = len(answer.strip()) == 1 and answer.strip().upper() in letters
+    in_options = answer.strip().casefold() in {c.strip().casefold() for c in choices}
+    if not (in_letters or in_options):
+        problems.add("answer", f"{answer!r} is neither a letter {letters[0]}-{letters[-1]} nor one of the choices")
+
+
+def _boxes(value: Any, image_size: Size | None, has_image: bool, problems: FieldProblems) -> list[Box] | None:
+    if not has_image:
+        problems.add("boxes", "boxes refer to the first image, but the sample has no images")
+        return None
+    hint = "boxes are [x1, y1, x2, y2] in original-image pixels"
+    if not isinstance(value, list) or (value and not all(isinstance(b, list) for b in value)):
+        problems.add("boxes", f"must be a list of boxes, e.g. [[10, 20, 50, 60]] for one box; {hint}")
+        return None
+    boxes = []
+    for index, box in enumerate(value):
+        problem = box_problem(box, image_size)
+        if problem:
+            problems.add(f"boxes[{index}]", f"{box} {problem}; {hint}")
+        else:
+            boxes.append(as_box(box))
+    return boxes

@@ -1,0 +1,186 @@
+"""Per-family knowledge about Qwen-VL models, in one small frozen object per family.
+
+An adapter owns everything that differs between model families and nothing else:
+
+* the chat template (``render_chat`` produces exactly the text the family's official Jinja
+  template renders for the same messages; tests check this against the copies shipped in trl);
+* the box convention and the two conversions at the model boundary (``to_model`` when a box is
+  shown to the model, ``from_model`` when a box is parsed from its output);
+* the vision patch geometry (and so the resize policy), ``mm_token_type_ids``, the tokens to
+  suppress while sampling, and LoRA target modules for the language model only.
+
+Nothing outside ``vlreason.models`` knows a model's box convention: rewards, tools and metrics
+see only original-image pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+from vlreason.data.schema import Message
+from vlreason.vision.boxes import Box
+from vlreason.vision.images import ImageInfo, ResizePolicy
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# LoRA on the language model only. Qwen2.5-VL's vision MLP reuses gate/up/down_proj names,
+# so a bare module-name list would also adapt the vision tower.
+LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class BoxConvention(str, Enum):
+    """How a family writes box coordinates in text."""
+
+    RELATIVE_1000 = "relative_1000"  # integers 0..1000 relative to the image (Qwen2-VL, Qwen3-VL)
+    INPUT_PIXELS = "input_pixels"  # absolute pixels of the resized model input (Qwen2.5-VL)
+
+
+class ChatStyle(str, Enum):
+    """Which chat template family renders the conversation."""
+
+    QWEN2 = "qwen2"  # Qwen2-VL and Qwen2.5-VL (byte-identical templates), default system prompt
+    QWEN3 = "qwen3"  # Qwen3-VL: no default system prompt, text-only assistant turns
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What vlreason needs to know about one model family."""
+
+    name: str  # user-facing name, e.g. "qwen2.5-vl"
+    model_type: str  # transformers ``config.model_type``
+    patch_size: int
+    merge_size: int
+    box_convention: BoxConvention
+    chat_style: ChatStyle
+    lora_target_modules: str = LANGUAGE_MODEL_LORA_TARGETS
+
+    @property
+    def factor(self) -> int:
+        """Side in pixels of the square one merged vision token covers."""
+        return self.patch_size * self.merge_size
+
+    def resize_policy(self, min_pixels: int, max_pixels: int) -> ResizePolicy:
+        return ResizePolicy(factor=self.factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    # ---- boxes at the model boundary -------------------------------------------------------
+
+    def to_model(self, box: Box, info: ImageInfo) -> list[int]:
+        """Canonical box (original pixels) -> the integers this family writes for it."""
+        width, height = info.original_size
+        if self.box_convention is BoxConvention.RELATIVE_1000:
+            scale = (1000 / width, 1000 / height)
+            limit = (1000, 1000)
+        else:
+            scale = (info.input_size[0] / width, info.input_size[1] / height)
+            limit = info.input_size
+        return [
+            int(min(max(round(v * scale[i % 2]), 0), limit[i % 2]))
+            for i, v in enumerate(box)
+        ]
+
+    def from_model(self, values: Sequence[float], info: ImageInfo) -> Box:
+        """Coordinates as this family writes them -> canonical box in original pixels (unclamped)."""
+        width, height = info.original_size
+        if self.box_convention is BoxConvention.RELATIVE_1000:
+            scale = (width / 1000, height / 1000)
+        else:
+            scale = (width / info.input_size[0], height / info.input_size[1])
+        x1, y1, x2, y2 = values
+        return (x1 * scale[0], y1 * scale[1], x2 * scale[0], y2 * scale[1])
+
+    # ---- prompt text ------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` exactly as the family's official chat template does.
+
+        Messages are ``{"role": ..., "content": str | list[part]}`` with parts
+        ``{"type": "image"}``, ``{"type": "video"}`` or ``{"type": "text", "text": ...}``.
+        """
+        if self.chat_style is ChatStyle.QWEN2:
+            text = _render_qwen2(messages)
+        else:
+            text = _render_qwen3(messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    # ---- token-level facts ------------------------------------------------------------------
+
+    def suppress_token_ids(self, tokenizer: Any) -> list[int]:
+        """Vision special tokens: random or lightly tuned models sample them, and a generated
+        ``<|image_pad|>`` would break the next forward pass (no pixels to fill it)."""
+        return [int(tokenizer.convert_tokens_to_ids(t)) for t in VISION_SPECIAL_TOKENS]
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+        """``[B, L]`` modality of each token (0 text, 1 image, 2 video), as transformers 5.x
+        requires beside ``image_grid_thw`` / ``video_grid_thw``."""
+        image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        types = torch.zeros_like(input_ids)
+        types[input_ids == image_id] = 1
+        types[input_ids == video_id] = 2
+        return types
+
+
+def _render_parts(content: str | Sequence[dict[str, Any]], text_only: bool = False) -> str:
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            pieces.append(str(part.get("text", "")))
+        elif kind in ("image", "video") and not text_only:
+            pieces.append(IMAGE_PLACEHOLDER if kind == "image" else VIDEO_PLACEHOLDER)
+        elif kind in ("image", "video"):
+            raise ValueError(f"this family's chat template drops {kind}s in this position; move the {kind} "
+                             "into a user message")
+        else:
+            raise ValueError(f"unknown message part type {kind!r}; use 'text', 'image' or 'video'")
+    return "".join(pieces)
+
+
+def _render_qwen2(messages: Sequence[Message]) -> str:
+    out = []
+    if messages and messages[0]["role"] != "system":
+        out.append(f"<|im_start|>system\n{QWEN2_DEFAULT_SYSTEM}<|im_end|>\n")
+    for message in messages:
+        out.append(f"<|im_start|>{message['role']}\n{_render_parts(message['content'])}<|im_end|>\n")
+    return "".join(out)
+
+
+def _render_qwen3(messages: Sequence[Message]) -> str:
+    out = []
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and index == 0:
+            out.append(f"<|im_start|>system\n{_render_parts(message['content'], text_only=True)}<|im_end|>\n")
+        elif role in ("user", "assistant"):
+            body = _render_parts(message["content"], text_only=role == "assistant")
+            out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+        else:
+            raise ValueError(
+                f"message {index}: vlreason renders a system message (first only), user and assistant "
+                f"messages for Qwen3-VL; got role {role!r}"
+            )
+    return "".join(out)
+
+
+QWEN2_VL = FamilyAdapter("qwen2-vl", "qwen2_vl", 14, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN2)
+QWEN2_5_VL = FamilyAdapter("qwen2.5-vl", "qwen2_5_vl", 14, 2, BoxConvention.INPUT_PIXELS, ChatStyle.QWEN2)
+QWEN3_VL = FamilyAdapter("qwen3-vl", "qwen3_vl", 16, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN3)
+ADAPTERS = {adapter.model_type: adapter for adapter in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
+
+
+def adapter_for(model_type: str) -> FamilyAdapter:
+    """The adapter for a transformers ``model_type``, or a clear error listing what is supported."""
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    supported = ", ".join(f"{a.model_type} ({a.name})" for a in ADAPTERS.values())
+    raise ValueError(f"model type {model_type!r} is not supported; vlreason supports {supported}")

@@ -1,0 +1,215 @@
+"""``load_vlm``: a model, its processor and its family adapter, from a hub id, a local
+checkpoint or a tiny offline preset.
+
+Processors are constructed explicitly rather than through ``AutoProcessor``: on a tiny local
+directory ``AutoProcessor`` can silently return only the tokenizer, and every transformers
+*video* processor needs torchvision. The image-only processor classes below pass
+``video_processor=None`` to Qwen's processors, which is all image work needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    BatchFeature,
+    PreTrainedModel,
+    Qwen2VLProcessor,
+    Qwen3VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from vlreason.data.schema import Message
+from vlreason.models.adapters import ChatStyle, FamilyAdapter, adapter_for
+from vlreason.models.tiny import TINY_PRESETS, TinySpec, tiny_config, tiny_tokenizer
+from vlreason.vision.images import ImageInfo, ResizePolicy, fit_image
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL / Qwen2.5-VL processor without a video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL processor without a video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def build_processor(adapter: FamilyAdapter, image_processor: Any, tokenizer: Any) -> Any:
+    """The image-only processor class matching ``adapter``'s family."""
+    cls = ImageOnlyQwen3VLProcessor if adapter.chat_style is ChatStyle.QWEN3 else ImageOnlyQwen2VLProcessor
+    return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@dataclass
+class VLM:
+    """A loaded vision-language model with what it takes to prompt it."""
+
+    model: PreTrainedModel
+    processor: Any
+    adapter: FamilyAdapter
+    resize: ResizePolicy
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def prepare_images(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[ImageInfo]]:
+        """Resize RGB images to the model's input sizes; returns the resized images and their sizes."""
+        fitted = [fit_image(image, self.resize) for image in images]
+        return [image for image, _ in fitted], [info for _, info in fitted]
+
+    def encode(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        images: Sequence[Sequence[Image.Image]],
+        add_generation_prompt: bool = True,
+    ) -> tuple[BatchFeature, list[list[ImageInfo]]]:
+        """Render and tokenize a batch of conversations with their images (left-padded).
+
+        Args:
+            conversations: B conversations; each image part consumes the next image of its row.
+            images: B lists of RGB images in original resolution.
+
+        Returns:
+            The model inputs (``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` ``[B, L]``,
+            ``pixel_values`` ``[P, D]``, ``image_grid_thw`` ``[I, 3]``) and each row's ``ImageInfo``s.
+        """
+        texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
+        fitted = [self.prepare_images(row) for row in images]
+        flat = [image for row, _ in fitted for image in row]
+        inputs = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
+                                return_tensors="pt")
+        inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
+        return inputs, [infos for _, infos in fitted]
+
+    @torch.no_grad()
+    def generate(self, inputs: BatchFeature, **kwargs: Any) -> torch.Tensor:
+        """Sample continuations of ``inputs`` with vision tokens suppressed.
+
+        Returns:
+            ``[B, T]`` new token ids (prompt removed; padded with the pad id after EOS).
+        """
+        kwargs.setdefault("suppress_tokens", self.adapter.suppress_token_ids(self.tokenizer))
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        inputs = inputs.to(self.model.device)
+        output = self.model.generate(**inputs, **kwargs)
+        return output[:, inputs["input_ids"].shape[1]:]
+
+
+def load_vlm(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    device_map: str | dict | None = None,
+    seed: int = 0,
+) -> VLM:
+    """Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model with its processor and adapter.
+
+    Args:
+        name_or_path: a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``), a local checkpoint directory,
+            or a tiny preset (``tiny-qwen2-vl``, ``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``).
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a torch dtype.
+        attn_implementation: e.g. ``sdpa``, ``eager`` or ``flash_attention_2``; None lets
+            transformers choose.
+        min_pixels / max_pixels: override the image processor's resize bounds (pixels per image).
+        device_map: passed to ``from_pretrained`` (e.g. ``auto`` on GPU machines).
+        seed: initialisation seed, used only by tiny presets.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name in TINY_PRESETS:
+        tiny_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
+        return build_tiny_vlm(name, seed=seed, dtype=tiny_dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        presets = ", ".join(TINY_PRESETS)
+        raise ValueError(f"cannot load a model config from {name!r} ({exc}); pass a Hugging Face hub id, "
+                         f"a local checkpoint directory, or a tiny preset ({presets})") from exc
+    adapter = adapter_for(config.model_type)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map
+    )
+    size_overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    image_processor = AutoImageProcessor.from_pretrained(name, **size_overrides)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer.padding_side = "left"
+    return _assemble(model, adapter, image_processor, tokenizer)
+
+
+def build_tiny_vlm(
+    preset: str,
+    *,
+    spec: TinySpec | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> VLM:
+    """A seeded random-weight model of a tiny preset (see ``vlreason.models.tiny``)."""
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
+    adapter = TINY_PRESETS[preset]
+    tokenizer = tiny_tokenizer()
+    spec = spec or TinySpec()
+    config = tiny_config(adapter, tokenizer, spec)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=adapter.patch_size,
+        merge_size=adapter.merge_size,
+        temporal_patch_size=2,
+        min_pixels=min_pixels or spec.min_tokens * adapter.factor**2,
+        max_pixels=max_pixels or spec.max_tokens * adapter.factor**2,
+    )
+    return _assemble(model, adapter, image_processor, tokenizer)
+
+
+def save_vlm(vlm: VLM, path: str | Path) -> Path:
+    """Save model, tokenizer and image processor in the standard layout ``load_vlm`` reads."""
+    path = Path(path)
+    vlm.model.save_pretrained(path)
+    vlm.tokenizer.save_pretrained(path)
+    vlm.processor.image_processor.save_pretrained(path)
+    return path
+
+
+def _assemble(model: PreTrainedModel, adapter: FamilyAdapter, image_processor: Any, tokenizer: Any) -> VLM:
+    size = image_processor.size
+    resize = adapter.resize_policy(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    if image_processor.patch_size * image_processor.merge_size != adapter.factor:
+        raise ValueError(f"the image processor's patch geometry ({image_processor.patch_size}x"
+                         f"{image_processor.merge_size}) does not match {adapter.name}'s")
+    return VLM(model=model, processor=build_processor(adapter, image_processor, tokenizer),
+               adapter=adapter, resize=resize)
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]

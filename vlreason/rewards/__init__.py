@@ -1,0 +1,24 @@
+"""Rewards: the plugin API (``register_reward``, ``get_reward``), the scorer, and the built-in
+perception rewards (format, iou, multi_box_iou, detection_map, classification, numeric, choice).
+"""
+
+from vlreason.rewards import answers, detection, format, grounding  # noqa: F401  (register built-ins)
+from vlreason.rewards.api import Reward, RewardFn, check_columns, get_reward, list_rewards, register_reward
+from vlreason.rewards.parsing import PredBox, parse_completion
+from vlreason.rewards.scoring import OnRewardError, RewardError, RewardScorer, RewardTable, parsed_columns
+
+__all__ = [
+    "OnRewardError",
+    "PredBox",
+    "Reward",
+    "RewardError",
+    "RewardFn",
+    "RewardScorer",
+    "RewardTable",
+    "check_columns",
+    "get_reward",
+    "list_rewards",
+    "parse_completion",
+    "parsed_columns",
+    "register_reward",
+]

@@ -1,0 +1,54 @@
+"""``format``: 1 when a completion follows the answer template, else 0."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+from vlreason.rewards.api import Reward, Score, register_reward
+
+
+class FormatTemplate(str, Enum):
+    THINK_ANSWER = "think_answer"  # <think>reasoning</think><answer>answer</answer>, both non-blank
+    ANSWER = "answer"  # <answer>answer</answer> alone: the no-thinking variant (No-Thinking-CLS-RL)
+    OPTIONAL_THINK = "optional_think"  # TON: a think block that may be empty, or none, then the answer
+
+
+_THINK = r"<think>(?P<think>.*?)</think>\s*"
+_ANSWER = r"<answer>(?P<answer>.*?)</answer>\s*"
+_TEMPLATES = {
+    FormatTemplate.THINK_ANSWER: re.compile(rf"\s*{_THINK}{_ANSWER}", re.S),
+    FormatTemplate.ANSWER: re.compile(rf"\s*{_ANSWER}", re.S),
+    FormatTemplate.OPTIONAL_THINK: re.compile(rf"\s*(?:{_THINK})?{_ANSWER}", re.S),
+}
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+@register_reward("format")
+class FormatReward(Reward):
+    """1.0 if the completion matches the template, else 0.0.
+
+    Args:
+        template: ``think_answer`` (default; reasoning must not be blank), ``answer`` (no
+            thinking) or ``optional_think`` (TON: an empty ``<think></think>`` or none at all).
+        pattern: a custom regular expression the whole completion must match instead.
+
+    With a template, each tag may appear once and the answer must not be blank.
+    """
+
+    inputs = ("completions",)
+
+    def __init__(self, template: FormatTemplate | str = FormatTemplate.THINK_ANSWER, pattern: str | None = None):
+        super().__init__()
+        self.template = FormatTemplate(template)
+        self.pattern = re.compile(pattern, re.S) if pattern else None
+
+    def score(self, text: str) -> Score:
+        if self.pattern is not None:
+            return float(self.pattern.fullmatch(text) is not None)
+        match = _TEMPLATES[self.template].fullmatch(text)
+        if match is None or any(text.count(tag) > 1 for tag in _TAGS) or not match.group("answer").strip():
+            return 0.0
+        think = match.groupdict().get("think")
+        blank_think = self.template is FormatTemplate.THINK_ANSWER and not (think or "").strip()
+        return 0.0 if blank_think else 1.0

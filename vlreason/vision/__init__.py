@@ -1,0 +1,1 @@
+"""Media handling: safe image loading, the resize policy and box geometry."""
