@@ -103,12 +103,12 @@ def _scan(path: Path, sizes: SizeReader) -> tuple[list[Sample], list[DataProblem
     problems: list[DataProblem] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue  # blank line
             record, error = _decode_line(raw)
             if error:
                 problems.append(DataProblem(str(path), number, "line", error))
                 continue
-            if record is None:
-                continue  # blank line
             sample, found = parse_sample(record, path.parent, f"{path}:{number}", sizes)
             problems.extend(DataProblem(str(path), number, name, message) for name, message in found)
             if sample is not None:
@@ -116,13 +116,12 @@ def _scan(path: Path, sizes: SizeReader) -> tuple[list[Sample], list[DataProblem
     return samples, problems
 
 
-def _decode_line(raw: bytes) -> tuple[object | None, str | None]:
+def _decode_line(raw: bytes) -> tuple[object, str | None]:
+    """The decoded JSON value of a non-blank line, or an error message."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # tolerates a byte-order mark on the first line
     except UnicodeDecodeError as exc:
         return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-    if not text.strip():
-        return None, None
     try:
         return json.loads(text), None
     except json.JSONDecodeError as exc:

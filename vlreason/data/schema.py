@@ -172,7 +172,7 @@ def _messages(record: dict, n_images: int, n_videos: int, problems: FieldProblem
 
 
 def _messages_from_prompt(record: dict, n_images: int, n_videos: int, problems: FieldProblems) -> list[Message]:
-    for name in ("prompt", "response", "system"):
+    for name in ("response", "system"):
         if name in record and not isinstance(record[name], str):
             problems.add(name, "must be a string")
     if not isinstance(record["prompt"], str) or not record["prompt"].strip():
@@ -218,7 +218,8 @@ def _ground_truth(record: dict, image_size: Size | None, has_image: bool, proble
         truth["boxes"] = _boxes(record["boxes"], image_size, has_image, problems)
     if "labels" in record:
         truth["labels"] = _string_list(record["labels"], "labels", problems, min_len=0)
-        n_boxes = len(truth.get("boxes") or [])
+        boxes = record.get("boxes")
+        n_boxes = len(boxes) if isinstance(boxes, list) else 0
         if truth["labels"] is not None and len(truth["labels"]) != n_boxes:
             problems.add("labels", f"{len(truth['labels'])} labels for {n_boxes} boxes; give one label per box")
     if "label" in record:
@@ -238,7 +239,9 @@ def _answer(value: Any, problems: FieldProblems) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         problems.add("answer", "is NaN or infinite")
         return None
-    return value if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return value if isinstance(value, str) else str(value)
 
 
 def _string_list(value: Any, name: str, problems: FieldProblems, min_len: int) -> list[str] | None:

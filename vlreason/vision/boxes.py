@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 
@@ -31,10 +32,10 @@ def box_problem(box: Sequence[float], size: Size | None = None) -> str | None:
     """
     if len(box) != 4:
         return f"has {len(box)} numbers, expected 4"
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+    if not all(isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) for v in box):
         return "holds a value that is not a number"
-    x1, y1, x2, y2 = box
-    if not all(math.isfinite(v) for v in box):
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return "holds a NaN or infinite value"
     if x2 <= x1:
         return f"x2 ({x2:g}) <= x1 ({x1:g})"

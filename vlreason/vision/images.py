@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlreason.vision.boxes import Size
@@ -60,9 +61,16 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert to RGB, compositing any transparency onto white (as Qwen's processors do)."""
+    """Convert to RGB, compositing any transparency onto white (as Qwen's processors do).
+
+    16-bit greyscale (modes ``I;16*`` and ``I``) is scaled to 8 bits; a plain conversion would
+    clip almost every pixel to white.
+    """
     if image.mode == "RGB":
         return image
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        eight_bit = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(eight_bit, mode="L").convert("RGB")
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -88,7 +96,7 @@ def _describe(source: ImageSource) -> str:
     if isinstance(source, bytes):
         return f"<{len(source)} bytes>"
     text = str(source)
-    return text[:40] + "..." if text.startswith("data:") else text
+    return text[:40] + "..." if text.startswith("data:") and len(text) > 40 else text
 
 
 def _read_bytes(source: str | Path | bytes, name: str) -> bytes:

@@ -1,0 +1,208 @@
+"""The ``vlreason`` command line, run in-process (and once as the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlreason.cli import main
+
+BUILT_IN_NEEDS = {
+    "choice": "answer, choices",
+    "classification": "label",
+    "detection_map": "boxes",
+    "format": "-",
+    "iou": "boxes",
+    "multi_box_iou": "boxes",
+    "numeric": "answer",
+}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``vlreason ARGV`` in-process: (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary_row(out: str, label: str) -> list[str]:
+    """The cells of the summary row named ``label`` (mean, min, max, n/a, failed)."""
+    (line,) = [line for line in out.splitlines() if line.split()[:1] == [label]]
+    return line.split()[1:]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Grounding and counting files written through the CLI."""
+    out = tmp_path_factory.mktemp("cli-data")
+    for task, n in (("grounding", 30), ("counting", 30)):
+        assert main(["data", "synth", task, "--out", str(out), "--n", str(n), "--seed", "3"]) == 0
+    return out
+
+
+def test_synth_then_check(tmp_path, capsys):
+    code, out, _ = run(capsys, "data", "synth", "detection", "--out", str(tmp_path), "--n", "12", "--image-size", "96")
+    assert code == 0
+    path = tmp_path / "detection.jsonl"
+    assert f"wrote 12 detection samples to {path}" in out
+    assert len(path.read_text().splitlines()) == 12
+    code, out, _ = run(capsys, "data", "check", str(path))
+    assert code == 0
+    assert f"{path}: 12 valid sample(s), 0 problem(s) on 0 line(s)" in out
+
+
+def test_synth_unknown_task_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "synth", "segmentation", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "invalid choice: 'segmentation'" in capsys.readouterr().err
+
+
+def test_synth_too_small_image_exits_2(tmp_path, capsys):
+    code, _, err = run(capsys, "data", "synth", "grounding", "--out", str(tmp_path), "--n", "2", "--image-size", "20")
+    assert code == 2
+    assert "error: need n >= 1 and image_size >= 48" in err
+
+
+def test_check_reports_bad_lines_as_file_line_field(tmp_path, data_dir, capsys):
+    good = data_dir / "grounding.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    image = data_dir / "images" / "grounding_3_000000.png"
+    bad.write_text("\n".join([
+        json.dumps({"images": [str(image)], "prompt": "Where?", "boxes": [[5, 5, 200, 20]]}),
+        "{not json",
+        json.dumps({"prompt": "How many?", "count": -1}),
+        json.dumps({"images": [str(image)], "prompt": "Where?", "boxes": [[1, 2, 3, 4]]}),
+    ]) + "\n")
+    code, out, _ = run(capsys, "data", "check", str(good), str(bad))
+    assert code == 1
+    lines = out.splitlines()
+    assert f"{good}: 30 valid sample(s), 0 problem(s) on 0 line(s)" in lines
+    assert f"{bad}: 1 valid sample(s), 3 problem(s) on 3 line(s)" in lines
+    problems = [line for line in lines if line.startswith(f"{bad}:") and "valid sample(s)" not in line]
+    assert [line.split(": ")[0:2] for line in problems] == [[f"{bad}:1", "boxes[0]"], [f"{bad}:2", "line"],
+                                                           [f"{bad}:3", "count"]]
+    assert "lies outside the 112x112 image" in problems[0]
+    assert "malformed JSON" in problems[1]
+
+
+def test_check_missing_file_exits_2(tmp_path, capsys):
+    code, _, err = run(capsys, "data", "check", str(tmp_path / "nope.jsonl"))
+    assert code == 2
+    assert "data file not found" in err and "nope.jsonl" in err
+
+
+def test_rewards_list_names_builtins_and_needed_columns(capsys):
+    code, out, _ = run(capsys, "rewards", "list")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+    for name, needs in BUILT_IN_NEEDS.items():
+        assert name in rows, f"{name} not listed"
+        cells = [cell.strip() for cell in rows[name].split("  ") if cell.strip()]
+        assert cells[1] == needs, (name, cells)
+    assert "package.module:attr" in out and "file.py:attr" in out
+
+
+def test_rewards_check_scores_reference_answers(data_dir, capsys):
+    code, out, _ = run(capsys, "rewards", "check", "iou", "format", "--data", str(data_dir / "grounding.jsonl"),
+                       "--show", "5")
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith("over 30"))
+    assert header.split()[2:] == ["iou", "format"]
+    assert summary_row(out, "mean") == ["1.000", "1.000"]
+    assert summary_row(out, "min") == ["1.000", "1.000"]
+    assert summary_row(out, "n/a") == ["0", "0"]
+    assert summary_row(out, "failed") == ["0", "0"]
+    assert "... 25 more sample(s)" in out
+    assert sum(line.split()[1:2] == ["grounding-3-0"] for line in out.splitlines()) == 1
+
+
+def test_rewards_check_with_an_option(data_dir, capsys):
+    code, out, _ = run(capsys, "rewards", "check", "numeric", "-o", "mode=ramp", "--data",
+                       str(data_dir / "counting.jsonl"))
+    assert code == 0
+    assert summary_row(out, "mean") == ["1.000"]
+
+
+def test_bad_option_value_exits_2(data_dir, capsys):
+    code, _, err = run(capsys, "rewards", "check", "numeric", "-o", "mode=sideways", "--data",
+                       str(data_dir / "counting.jsonl"))
+    assert code == 2
+    assert err.startswith("error:") and "sideways" in err
+
+
+def test_option_with_two_specs_exits_2(data_dir, capsys):
+    code, out, err = run(capsys, "rewards", "check", "iou", "format", "-o", "threshold=0.5", "--data",
+                         str(data_dir / "grounding.jsonl"))
+    assert code == 2
+    assert "error: --option applies to a single SPEC" in err
+    assert out == ""
+
+
+def test_option_without_equals_exits_2(data_dir, capsys):
+    code, _, err = run(capsys, "rewards", "check", "numeric", "-o", "ramp", "--data", str(data_dir / "counting.jsonl"))
+    assert code == 2
+    assert "expected KEY=VALUE" in err
+
+
+def test_unknown_reward_suggests_close_names(data_dir, capsys):
+    code, _, err = run(capsys, "rewards", "check", "iuo", "--data", str(data_dir / "grounding.jsonl"))
+    assert code == 2
+    assert "unknown reward 'iuo'" in err and "did you mean iou" in err
+
+
+def test_reward_needing_a_missing_column_exits_2(data_dir, capsys):
+    code, _, err = run(capsys, "rewards", "check", "numeric", "--data", str(data_dir / "grounding.jsonl"))
+    assert code == 2
+    assert "reward 'numeric' needs column(s) answer" in err
+
+
+PLUGIN = '''
+def answer_in_completion(completions, answer, **columns):
+    return [1.0 if f"<answer>{a}</answer>" in c else 0.0 for c, a in zip(completions, answer)]
+
+
+def half(completions, **columns):
+    return [0.5 for _ in completions]
+'''
+
+
+def test_reward_plugin_file(tmp_path, data_dir, capsys):
+    plugin = tmp_path / "my_rewards.py"
+    plugin.write_text(PLUGIN)
+    counting, grounding = str(data_dir / "counting.jsonl"), str(data_dir / "grounding.jsonl")
+
+    code, out, _ = run(capsys, "rewards", "check", f"{plugin}:answer_in_completion", f"{plugin}:half", "format",
+                       "--data", counting)
+    assert code == 0
+    assert summary_row(out, "mean") == ["1.000", "0.500", "1.000"]
+
+    code, _, err = run(capsys, "rewards", "check", f"{plugin}:answer_in_completion", "--data", grounding)
+    assert code == 2
+    assert "needs column(s) answer" in err
+
+    code, _, err = run(capsys, "rewards", "check", f"{plugin}:answer_in_completoin", "--data", counting)
+    assert code == 2
+    assert "did you mean answer_in_completion" in err
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2
+    assert "usage: vlreason" in out
+
+
+def test_console_script_entry_point():
+    script = Path(sys.executable).parent / "vlreason"
+    found = str(script) if script.exists() else shutil.which("vlreason")
+    command = [found] if found else [sys.executable, "-m", "vlreason.cli"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: vlreason")
+    for words in ("data check", "data synth", "rewards list", "rewards check"):
+        assert words in result.stdout
