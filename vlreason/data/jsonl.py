@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
+from vlreason.choices import Choice
 from vlreason.data.schema import GROUND_TRUTH_FIELDS, Sample, SizeReader, parse_sample
 from vlreason.vision.boxes import Size
 from vlreason.vision.images import load_image, read_image_size
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 MAX_LOGGED_SKIPS = 10
 
 
-class OnBadSample(str, Enum):
+class OnBadSample(Choice):
     """What to do with a line that fails validation."""
 
     ERROR = "error"  # stop and list every problem in the file

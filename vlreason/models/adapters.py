@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
 
+from vlreason.choices import Choice
 from vlreason.data.schema import Message
 from vlreason.vision.boxes import Box
 from vlreason.vision.images import ImageInfo, ResizePolicy
@@ -36,14 +36,14 @@ QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-class BoxConvention(str, Enum):
+class BoxConvention(Choice):
     """How a family writes box coordinates in text."""
 
     RELATIVE_1000 = "relative_1000"  # integers 0..1000 relative to the image (Qwen2-VL, Qwen3-VL)
     INPUT_PIXELS = "input_pixels"  # absolute pixels of the resized model input (Qwen2.5-VL)
 
 
-class ChatStyle(str, Enum):
+class ChatStyle(Choice):
     """Which chat template family renders the conversation."""
 
     QWEN2 = "qwen2"  # Qwen2-VL and Qwen2.5-VL (byte-identical templates), default system prompt

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 import string
-from enum import Enum
 
+from vlreason.choices import Choice
 from vlreason.rewards.api import Reward, Score, register_reward
 
 _EDGE_PUNCTUATION = "\"'`.,;:!?()[]{} "
@@ -19,7 +19,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 _NUMBER_WORDS = {word: value for value, word in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
-_LEADING_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.:)]|\s|$)")
+_LEADING_LETTER = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.:)])")  # "(B) ...", "B. ...", "B: ...", "B) ..."
 
 
 def normalise(text: str) -> str:
@@ -27,7 +27,7 @@ def normalise(text: str) -> str:
     return " ".join(text.split()).strip(_EDGE_PUNCTUATION).casefold()
 
 
-class ClassMatch(str, Enum):
+class ClassMatch(Choice):
     EXACT = "exact"  # the answer is the class name
     CONTAINS = "contains"  # the class name appears in the answer as whole words
 
@@ -67,8 +67,8 @@ class ClassificationReward(Reward):
         if self.match is ClassMatch.EXACT:
             return float(self._name(pred_answer) == self._name(label))
         aliases = {a for a, name in self.canonical.items() if name == self._name(label)} | {self._name(label)}
-        words = f" {normalise(pred_answer)} "
-        return float(any(f" {alias} " in words for alias in aliases))
+        answer = normalise(pred_answer)
+        return float(any(re.search(rf"(?<!\w){re.escape(alias)}(?!\w)", answer) for alias in aliases))
 
     def _f1(self, pred_answer: str, truth: set[str]) -> float:
         predicted = {self._name(part) for part in pred_answer.split(self.separator) if normalise(part)}
@@ -96,7 +96,7 @@ def parse_number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-class NumericMode(str, Enum):
+class NumericMode(Choice):
     EXACT = "exact"  # counting: the number must be right
     RAMP = "ramp"  # Reason-RFT tolerance ramp
 
@@ -152,9 +152,10 @@ def choice_index(text: str | None, choices: list[str]) -> int | None:
     bare = text.strip().strip("()").strip()
     if len(bare) == 1 and bare.upper() in letters:
         return letters.index(bare.upper())
-    match = _LEADING_LETTER.match(text.strip())  # "B. a red circle", "(C) ..."; capitals only
-    if match and match.group(1) in letters:
-        return letters.index(match.group(1))
+    match = _LEADING_LETTER.match(text.strip())  # capitals with a delimiter: "A big cat" is not A
+    letter = match and (match.group(1) or match.group(2))
+    if letter and letter in letters:
+        return letters.index(letter)
     return None
 
 

@@ -66,6 +66,8 @@ def get_reward(spec: str, base_dir: str | Path | None = None, **options: Any) ->
         except TypeError as exc:
             accepted = ", ".join(p for p in inspect.signature(target).parameters if p != "self") or "none"
             raise PluginError(f"reward {spec!r}: bad options {sorted(options)} ({exc}); accepted: {accepted}") from exc
+        except ValueError as exc:
+            raise ValueError(f"reward {spec!r}: {exc}") from exc
     elif options:
         raise PluginError(f"reward {spec!r} is a function and takes no options (got {sorted(options)}); "
                           "put settings in a callable class")

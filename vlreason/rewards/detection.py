@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from enum import Enum
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from vlreason.choices import Choice
 from vlreason.rewards.api import Reward, Score, register_reward
 from vlreason.rewards.parsing import PredBox
 from vlreason.vision.boxes import Box
@@ -92,7 +92,7 @@ def _evaluate(gt: COCO, dt: COCO) -> list[float]:
     return [float(s) for s in evaluator.stats[:3]]
 
 
-class MapMetric(str, Enum):
+class MapMetric(Choice):
     AP = "ap"  # AP averaged over IoU 0.50:0.95
     AP50 = "ap50"
     AP75 = "ap75"

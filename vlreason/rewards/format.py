@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from enum import Enum
 
+from vlreason.choices import Choice
 from vlreason.rewards.api import Reward, Score, register_reward
 
 
-class FormatTemplate(str, Enum):
+class FormatTemplate(Choice):
     THINK_ANSWER = "think_answer"  # <think>reasoning</think><answer>answer</answer>, both non-blank
     ANSWER = "answer"  # <answer>answer</answer> alone: the no-thinking variant (No-Thinking-CLS-RL)
     OPTIONAL_THINK = "optional_think"  # TON: a think block that may be empty, or none, then the answer
@@ -46,8 +46,10 @@ class FormatReward(Reward):
     def score(self, text: str) -> Score:
         if self.pattern is not None:
             return float(self.pattern.fullmatch(text) is not None)
+        if any(text.count(tag) > 1 for tag in _TAGS):  # first: it also keeps the regex linear
+            return 0.0
         match = _TEMPLATES[self.template].fullmatch(text)
-        if match is None or any(text.count(tag) > 1 for tag in _TAGS) or not match.group("answer").strip():
+        if match is None or not match.group("answer").strip():
             return 0.0
         think = match.groupdict().get("think")
         blank_think = self.template is FormatTemplate.THINK_ANSWER and not (think or "").strip()

@@ -7,11 +7,11 @@ ground truth is the ``boxes`` column (and ``labels``, when present). No model co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from vlreason.choices import Choice
 from vlreason.rewards.api import Reward, Score, register_reward
 from vlreason.rewards.parsing import PredBox
 from vlreason.vision.boxes import Box, box_iou, iou_matrix
@@ -44,7 +44,7 @@ class IoUReward(Reward):
         return iou if self.threshold is None else float(iou >= self.threshold)
 
 
-class Matching(str, Enum):
+class Matching(Choice):
     GREEDY = "greedy"  # Visual-RFT: by descending confidence, each prediction takes its best free GT
     HUNGARIAN = "hungarian"  # optimal one-to-one assignment maximising total IoU
 
@@ -62,8 +62,8 @@ def match_boxes(pred: Sequence[PredBox], gt: Sequence[Box], gt_labels: Sequence[
     if gt_labels is not None:
         same = np.array([[_same_label(p.label, g) for g in gt_labels] for p in pred])
         ious = np.where(same, ious, 0.0)
-    if matching is Matching.HUNGARIAN:
-        rows, cols = linear_sum_assignment(-ious)
+    if matching is Matching.HUNGARIAN:  # optimal over the pairs that count
+        rows, cols = linear_sum_assignment(-np.where(ious > threshold, ious, 0.0))
         pairs = zip(rows.tolist(), cols.tolist(), strict=True)
     else:
         pairs = _greedy(pred, ious, threshold)

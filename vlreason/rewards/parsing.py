@@ -13,6 +13,7 @@ import ast
 import json
 import math
 import re
+import string
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -21,14 +22,13 @@ from vlreason.vision.boxes import Box, Size, box_area, clamp_box
 MAX_BOXES = 1000  # more boxes than this in one answer are ignored (guards quadratic matching)
 MAX_PARSE_CHARS = 100_000  # boxes are looked for in this many leading characters of an answer
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"  # one way to split any digit run
 _QUAD = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
-_QWEN2_BOX = re.compile(
-    r"(?:<\|object_ref_start\|>(.*?)<\|object_ref_end\|>)?\s*<\|box_start\|>\s*"
+_QWEN2_BOX = re.compile(  # the label is the reference right before the box, never across another one
+    r"(?:<\|object_ref_start\|>((?:(?!<\|object_ref_start\|>).)*?)<\|object_ref_end\|>)?\s*<\|box_start\|>\s*"
     rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*<\|box_end\|>",
     re.S,
 )
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 BOX_KEYS = ("bbox_2d", "bbox", "box", "position", "bbox_xyxy")
 LABEL_KEYS = ("label", "name", "class", "category")
 CONFIDENCE_KEYS = ("confidence", "score", "conf")
@@ -54,13 +54,16 @@ def completion_text(completion: Any) -> str:
     """Text of a completion given as a string or as TRL's conversational message list."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
+    if completion is None:
+        return ""
+    if isinstance(completion, Sequence) and all(isinstance(m, dict) for m in completion):
+        content = completion[-1].get("content") if completion else None
         if isinstance(content, str):
             return content
         if isinstance(content, Sequence):
             return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return "" if completion is None else str(completion)
+        return ""
+    return str(completion)
 
 
 def extract_answer(text: str) -> str | None:
@@ -114,8 +117,20 @@ def find_boxes(answer: str) -> list[tuple[tuple[float, float, float, float], str
     return [(tuple(float(v) for v in quad), None, None) for quad in _QUAD.findall(answer)[:MAX_BOXES]]
 
 
+def _strip_fence(text: str) -> str:
+    """Remove a markdown code fence (```json ... ```) around ``text``."""
+    text = text.strip()
+    if not (text.startswith("```") and text.endswith("```") and len(text) >= 6):
+        return text
+    body = text[3:-3]
+    tag = len(body) - len(body.lstrip(string.ascii_letters))  # a language tag such as "json"
+    if tag and tag < len(body) and body[tag].isspace():
+        body = body[tag:]
+    return body.strip()
+
+
 def _parse_structure(answer: str) -> Any:
-    text = _FENCE.sub("", answer.strip())
+    text = _strip_fence(answer)
     if not text or text[0] not in "[{":
         return None
     try:

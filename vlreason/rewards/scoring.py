@@ -17,12 +17,12 @@ import math
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from numbers import Real
 from typing import Any
 
 import numpy as np
 
+from vlreason.choices import Choice
 from vlreason.rewards.api import RewardFn, Score
 from vlreason.rewards.parsing import BoxDecoder, completion_text, parse_completion
 from vlreason.vision.boxes import Size
@@ -30,7 +30,7 @@ from vlreason.vision.boxes import Size
 logger = logging.getLogger(__name__)
 
 
-class OnRewardError(str, Enum):
+class OnRewardError(Choice):
     RAISE = "raise"  # stop, naming the reward and the sample
     SKIP = "skip"  # score the failing samples None, count and log them
 
