@@ -115,6 +115,15 @@ def test_tiny_presets_are_seeded():
     assert not torch.equal(params[0], params[2])
 
 
+@pytest.mark.parametrize("source", ["preset", "directory"])
+def test_attention_implementation_option(tmp_path, source):
+    name = "tiny-qwen2-vl"
+    if source == "directory":
+        name = save_vlm(load_vlm(name), tmp_path)
+    assert load_vlm(name, attn_implementation="eager").model.config._attn_implementation == "eager"
+    assert load_vlm(name, attn_implementation="sdpa").model.config._attn_implementation == "sdpa"
+
+
 def test_dtype_option():
     vlm = load_vlm("tiny-qwen2.5-vl", dtype="bfloat16")
     assert {p.dtype for p in vlm.model.parameters()} == {torch.bfloat16}

@@ -139,7 +139,8 @@ def load_vlm(
     name = str(name_or_path)
     if name in TINY_PRESETS:
         tiny_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
-        return build_tiny_vlm(name, seed=seed, dtype=tiny_dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+        return build_tiny_vlm(name, seed=seed, dtype=tiny_dtype, attn_implementation=attn_implementation,
+                              min_pixels=min_pixels, max_pixels=max_pixels)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -163,6 +164,7 @@ def build_tiny_vlm(
     spec: TinySpec | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> VLM:
@@ -175,7 +177,7 @@ def build_tiny_vlm(
     config = tiny_config(adapter, tokenizer, spec)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     image_processor = Qwen2VLImageProcessorPil(
