@@ -119,7 +119,7 @@ def _scan(path: Path, sizes: SizeReader) -> tuple[list[Sample], list[DataProblem
 def _decode_line(raw: bytes) -> tuple[object, str | None]:
     """The decoded JSON value of a non-blank line, or an error message."""
     try:
-        text = raw.decode("utf-8-sig")  # tolerates a byte-order mark on the first line
+        text = raw.decode("utf-8-sig").rstrip("\r\n")  # tolerates a byte-order mark on the first line
     except UnicodeDecodeError as exc:
         return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
     try:
