@@ -116,7 +116,8 @@ def run_rewards_check(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no sample has a reference response ('response' or a final assistant "
                          "message), and rewards check scores reference responses")
     completions = [s.response for s in samples]
-    columns = {name: [s.columns().get(name) for s in samples] for name in data.columns}
+    rows = [s.columns() for s in samples]
+    columns = {name: [row.get(name) for row in rows] for name in data.columns}
     columns |= parsed_columns(completions, [s.image_sizes for s in samples])
     table = RewardScorer(rewards, on_error=args.on_error)(completions, columns)
     print(_score_report(table, samples, args.show))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from vlreason.choices import Choice
 from vlreason.data.schema import GROUND_TRUTH_FIELDS, Sample, SizeReader, parse_sample
-from vlreason.vision.boxes import Size
 from vlreason.vision.images import load_image, read_image_size
 
 logger = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def read_jsonl(path: str | Path, on_bad_sample: OnBadSample | str = OnBadSample.
         FileNotFoundError: the file does not exist.
     """
     policy = OnBadSample(on_bad_sample)
-    samples, problems = _scan(Path(path), _header_size)
+    samples, problems = _scan(Path(path), read_image_size)  # ImageLoadError is a ValueError
     if problems and policy is OnBadSample.ERROR:
         raise DataError(problems)
     if problems:
@@ -92,7 +91,7 @@ def check_jsonl(path: str | Path) -> tuple[int, list[DataProblem]]:
     Returns:
         The number of valid samples and the list of all problems found.
     """
-    samples, problems = _scan(Path(path), _decoded_size)
+    samples, problems = _scan(Path(path), lambda image: load_image(image).size)
     return len(samples), problems
 
 
@@ -126,14 +125,6 @@ def _decode_line(raw: bytes) -> tuple[object, str | None]:
         return json.loads(text), None
     except json.JSONDecodeError as exc:
         return None, f"malformed JSON: {exc.msg} at column {exc.colno}"
-
-
-def _header_size(image: str) -> Size:
-    return read_image_size(image)  # raises ImageLoadError, a ValueError
-
-
-def _decoded_size(image: str) -> Size:
-    return load_image(image).size
 
 
 def _log_skips(path: Path, problems: list[DataProblem], kept: int) -> None:

@@ -126,7 +126,9 @@ class Reward:
 
     def __call__(self, completions: Sequence[Any], **columns: Any) -> list[Score]:
         n = len(completions)
-        available = {"completions": [completion_text(c) for c in completions], **columns}
+        available = dict(columns)
+        if "completions" in self.inputs:
+            available["completions"] = [completion_text(c) for c in completions]
         for name in self.inputs:
             if name not in available and name not in self.optional:
                 raise KeyError(f"{self.__name__} needs column {name!r}; score through vlreason.rewards.RewardScorer, "
