@@ -103,7 +103,7 @@ def run_rewards_list(args: argparse.Namespace) -> int:
 
 
 def run_rewards_check(args: argparse.Namespace) -> int:
-    from vlreason.rewards import RewardScorer, check_columns, get_reward, parsed_columns
+    from vlreason.rewards import RewardScorer, check_columns, dataset_columns, get_reward, parsed_columns
 
     if args.option and len(args.specs) > 1:
         raise ValueError("--option applies to a single SPEC; check rewards with options one at a time")
@@ -116,9 +116,7 @@ def run_rewards_check(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no sample has a reference response ('response' or a final assistant "
                          "message), and rewards check scores reference responses")
     completions = [s.response for s in samples]
-    rows = [s.columns() for s in samples]
-    columns = {name: [row.get(name) for row in rows] for name in data.columns}
-    columns |= parsed_columns(completions, [s.image_sizes for s in samples])
+    columns = dataset_columns(samples, data.columns) | parsed_columns(completions, [s.image_sizes for s in samples])
     table = RewardScorer(rewards, on_error=args.on_error)(completions, columns)
     print(_score_report(table, samples, args.show))
     if len(samples) < len(data.samples):

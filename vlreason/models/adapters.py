@@ -15,6 +15,7 @@ see only original-image pixels.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_TEXT_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
 
 # LoRA on the language model only. Qwen2.5-VL's vision MLP reuses gate/up/down_proj names,
 # so a bare module-name list would also adapt the vision tower.
@@ -85,6 +88,18 @@ class FamilyAdapter:
             int(min(max(round(v * scale[i % 2]), 0), limit[i % 2]))
             for i, v in enumerate(box)
         ]
+
+    def text_boxes_to_model(self, text: str, info: ImageInfo) -> str:
+        """Rewrite every ``[x1, y1, x2, y2]`` quadruple of numbers in ``text`` (original pixels, as
+        reference responses hold them) into this family's convention for the same image."""
+
+        def convert(match: re.Match[str]) -> str:
+            values = [float(v) for v in match.groups()]
+            if values[2] < values[0] or values[3] < values[1]:
+                return match.group(0)  # not a box: leave it as written
+            return "[" + ", ".join(str(v) for v in self.to_model(tuple(values), info)) + "]"
+
+        return _TEXT_BOX.sub(convert, text)
 
     def from_model(self, values: Sequence[float], info: ImageInfo) -> Box:
         """Coordinates as this family writes them -> canonical box in original pixels (unclamped)."""

@@ -79,24 +79,44 @@ class VLM:
         conversations: Sequence[Sequence[Message]],
         images: Sequence[Sequence[Image.Image]],
         add_generation_prompt: bool = True,
+        convert_boxes: bool = False,
     ) -> tuple[BatchFeature, list[list[ImageInfo]]]:
         """Render and tokenize a batch of conversations with their images (left-padded).
 
         Args:
             conversations: B conversations; each image part consumes the next image of its row.
             images: B lists of RGB images in original resolution.
+            convert_boxes: rewrite ``[x1, y1, x2, y2]`` boxes in assistant messages from original
+                pixels of the row's first image (the data convention) into the family's own (SFT targets).
 
         Returns:
             The model inputs (``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` ``[B, L]``,
             ``pixel_values`` ``[P, D]``, ``image_grid_thw`` ``[I, 3]``) and each row's ``ImageInfo``s.
         """
-        texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
         fitted = [self.prepare_images(row) for row in images]
+        if convert_boxes:
+            conversations = [self._assistant_boxes_to_model(conv, infos) for conv, (_, infos) in
+                             zip(conversations, fitted, strict=True)]
+        texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
         flat = [image for row, _ in fitted for image in row]
         inputs = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
                                 return_tensors="pt")
         inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
         return inputs, [infos for _, infos in fitted]
+
+    def _assistant_boxes_to_model(self, conversation: Sequence[Message], infos: list[ImageInfo]) -> list[Message]:
+        if not infos:
+            return list(conversation)
+        out = []
+        for message in conversation:
+            if message["role"] == "assistant" and isinstance(message["content"], str):
+                message = {**message, "content": self.adapter.text_boxes_to_model(message["content"], infos[0])}
+            elif message["role"] == "assistant":
+                parts = [{**p, "text": self.adapter.text_boxes_to_model(p["text"], infos[0])} if p.get("type") == "text"
+                         else p for p in message["content"]]
+                message = {**message, "content": parts}
+            out.append(message)
+        return out
 
     @torch.no_grad()
     def generate(self, inputs: BatchFeature, **kwargs: Any) -> torch.Tensor:

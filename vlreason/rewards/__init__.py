@@ -5,7 +5,14 @@ perception rewards (format, iou, multi_box_iou, detection_map, classification, n
 from vlreason.rewards import answers, detection, format, grounding  # noqa: F401  (register built-ins)
 from vlreason.rewards.api import Reward, RewardFn, check_columns, get_reward, list_rewards, register_reward
 from vlreason.rewards.parsing import PredBox, parse_completion
-from vlreason.rewards.scoring import OnRewardError, RewardError, RewardScorer, RewardTable, parsed_columns
+from vlreason.rewards.scoring import (
+    OnRewardError,
+    RewardError,
+    RewardScorer,
+    RewardTable,
+    dataset_columns,
+    parsed_columns,
+)
 
 __all__ = [
     "OnRewardError",
@@ -16,6 +23,7 @@ __all__ = [
     "RewardScorer",
     "RewardTable",
     "check_columns",
+    "dataset_columns",
     "get_reward",
     "list_rewards",
     "parse_completion",

@@ -15,7 +15,7 @@ import inspect
 import logging
 import math
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
@@ -66,6 +66,13 @@ def parsed_columns(
         "pred_boxes": [p.boxes for p in parsed],
         "image_sizes": [list(s) for s in image_sizes],
     }
+
+
+def dataset_columns(samples: Sequence[Any], names: Iterable[str], repeat: int = 1) -> dict[str, list[Any]]:
+    """Data columns by name for N = len(samples) * repeat completions (each sample's value repeated
+    for its ``repeat`` consecutive completions); a sample without a field gives None."""
+    rows = [sample.columns() for sample in samples]
+    return {name: [row.get(name) for row in rows for _ in range(repeat)] for name in names}
 
 
 @dataclass

@@ -1,0 +1,423 @@
+"""Training configuration: typed dataclasses merged from YAML and ``key=value`` overrides.
+
+A config file lists the stages to run and the sections they share::
+
+    seed: 0
+    output_dir: runs/grounding
+    model: {name_or_path: tiny-qwen2.5-vl}
+    data: {train: data/grounding/train.jsonl, eval: data/grounding/eval.jsonl}
+    stages:
+      - kind: sft
+        optim: {learning_rate: 1.0e-3, max_steps: 300}
+      - kind: grpo
+        rewards: {format: {weight: 0.2}, iou: {}}
+
+Each stage is the shared sections deep-merged with the stage's own entry. A stage after the first
+starts from the previous stage's final checkpoint unless it names ``model.name_or_path`` itself,
+and writes into ``output_dir/<stage name>``.
+
+Overrides on the command line are applied last: ``optim.learning_rate=1e-4`` changes every
+stage, ``grpo.optim.learning_rate=1e-4`` only the stage named ``grpo``, ``seed=1`` the top level.
+Values are read as YAML (``true``, ``[1, 2]``, ``{a: 1}``).
+
+``load_config`` validates everything once: unknown keys (with the closest match), wrong types
+and values outside the allowed choices fail with the full key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlreason.choices import Choice
+from vlreason.data.jsonl import OnBadSample
+from vlreason.rewards.scoring import OnRewardError
+from vlreason.rl import AdvantageScale, LossAggregation
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the key."""
+
+
+class StageKind(Choice):
+    SFT = "sft"
+    GRPO = "grpo"
+
+
+class Scheduler(Choice):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | None = None  # regex; default: the family's language-model projections
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny-qwen2.5-vl"  # hub id, local checkpoint or tiny preset
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
+    min_pixels: int | None = None  # image resize bounds (pixels per image); default: the processor's
+    max_pixels: int | None = None
+    freeze_vision: bool = True  # keep the vision tower (and its merger) fixed
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL file in the vlreason schema
+    eval: str | None = None  # held-out JSONL for evaluation after the stage
+    on_bad_sample: OnBadSample = OnBadSample.ERROR  # error: stop at the first bad line; skip: count and log
+    max_samples: int | None = None  # use only the first N training samples
+    thought_dropout: float = 0.0  # SFT (TON): replace the <think> block with an empty one at this rate
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # registered rollout engine
+    num_generations: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+@dataclass
+class RewardConfig:
+    weight: float = 1.0
+    fn: str | None = None  # reward spec (name, module:attr, file.py:attr); default: the entry's key
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a reward class
+
+
+@dataclass
+class AlgorithmConfig:
+    epsilon_low: float = 0.2  # ratio clipped to [1 - epsilon_low, 1 + epsilon_high]
+    epsilon_high: float = 0.2  # > epsilon_low is DAPO's clip-higher
+    beta: float = 0.0  # weight of the k3 KL to the frozen reference (0: no reference is kept)
+    scale_rewards: AdvantageScale = AdvantageScale.GROUP  # group | batch | none (Dr. GRPO)
+    loss_aggregation: LossAggregation = LossAggregation.TOKEN_MEAN
+    num_iterations: int = 1  # mu: policy updates per sampled batch (old log-probs stored)
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill the batch
+    max_refill_tries: int = 4  # extra prompt batches drawn per step when dynamic sampling filters
+    mask_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
+    on_reward_error: OnRewardError = OnRewardError.SKIP  # skip: score n/a, count and log; raise: stop
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-5
+    scheduler: Scheduler = Scheduler.CONSTANT
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8  # SFT: sequences per step; GRPO: prompts per step
+    max_steps: int = 100
+    time_budget_s: float | None = None  # also stop (and save) after this much training time
+    max_bad_steps: int = 5  # stop after this many non-finite losses or gradients in a row
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1  # steps between log lines (JSONL + TensorBoard)
+    tensorboard: bool = True
+    rollouts_every: int = 1  # GRPO: steps between rollout dumps to rollouts.jsonl (0: never)
+    progress: bool = True  # progress bar
+
+
+@dataclass
+class SaveConfig:
+    every: int = 50  # steps between checkpoints (0: only at the end)
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
+class StageConfig:
+    """One stage, fully resolved."""
+
+    kind: StageKind
+    name: str
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: dict[str, RewardConfig] = field(default_factory=dict)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    base_dir: str = "."  # folder of the config file: reward plugin files are looked up there first
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str
+    stages: list[StageConfig]
+    seed: int = 0
+
+
+SECTIONS = ("model", "data", "rollout", "rewards", "algorithm", "optim", "logging", "save")
+TOP_LEVEL = ("seed", "output_dir", "stages", *SECTIONS)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), raw: dict[str, Any] | None = None
+                ) -> PipelineConfig:
+    """Read, merge, convert and validate a pipeline config.
+
+    Args:
+        path: the YAML file (or None with ``raw``).
+        overrides: ``key=value`` strings (see the module docstring).
+        raw: the config as a dict instead of a file.
+    """
+    if raw is None:
+        if path is None:
+            raise ConfigError("give a config file or a dict")
+        raw = _read_yaml(Path(path))
+    raw = copy.deepcopy(raw)
+    base_dir = str(Path(path).resolve().parent) if path else "."
+    _check_keys(raw, TOP_LEVEL, "")
+    entries = _stage_entries(raw.get("stages"))
+    names = [entry["name"] for entry in entries]
+    shared, per_stage = _apply_overrides(raw, names, overrides)
+    output_dir = str(shared.get("output_dir") or "runs/vlreason")
+    seed = _convert(shared.get("seed", 0), int, "seed")
+    stages: list[StageConfig] = []
+    for entry in entries:
+        own = _deep_merge(entry, per_stage.get(entry["name"], {}))
+        if stages and "name_or_path" not in own.get("model", {}):  # start from the previous stage's model
+            own = _deep_merge(own, {"model": {"name_or_path": final_checkpoint(stages[-1].output_dir)}})
+        merged = _deep_merge({k: shared[k] for k in SECTIONS if k in shared}, own)
+        merged.setdefault("output_dir", str(Path(output_dir) / entry["name"]))
+        merged.setdefault("seed", seed)
+        merged["base_dir"] = base_dir
+        stages.append(_build(StageConfig, merged, f"stages[{entry['name']}]"))
+    config = PipelineConfig(output_dir=output_dir, stages=stages, seed=seed)
+    validate(config)
+    return config
+
+
+def final_checkpoint(stage_output_dir: str | Path) -> str:
+    """Where a stage saves its final model (a standard Hugging Face checkpoint)."""
+    return str(Path(stage_output_dir) / "final")
+
+
+def validate(config: PipelineConfig) -> None:
+    """Checks that span fields (types and choices are checked while converting)."""
+    for stage in config.stages:
+        where = f"stages[{stage.name}]"
+        if not stage.data.train:
+            raise ConfigError(f"{where}.data.train: no training data; set it to a JSONL file")
+        positive = {"optim.batch_size": stage.optim.batch_size, "optim.max_steps": stage.optim.max_steps,
+                    "rollout.max_new_tokens": stage.rollout.max_new_tokens,
+                    "algorithm.num_iterations": stage.algorithm.num_iterations,
+                    "optim.max_bad_steps": stage.optim.max_bad_steps}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{where}.{key}: must be >= 1 (got {value})")
+        if not 0.0 <= stage.data.thought_dropout <= 1.0:
+            raise ConfigError(f"{where}.data.thought_dropout: a rate in [0, 1] (got {stage.data.thought_dropout})")
+        if stage.optim.learning_rate <= 0:
+            raise ConfigError(f"{where}.optim.learning_rate: must be > 0 (got {stage.optim.learning_rate})")
+        if stage.kind is StageKind.GRPO:
+            _validate_grpo(stage, where)
+
+
+def _validate_grpo(stage: StageConfig, where: str) -> None:
+    if not stage.rewards:
+        raise ConfigError(f"{where}.rewards: GRPO needs at least one reward, e.g. rewards: {{format: {{}}, iou: {{}}}}")
+    if stage.rollout.num_generations < 2:
+        raise ConfigError(f"{where}.rollout.num_generations: GRPO compares samples of a prompt; use >= 2 "
+                          f"(got {stage.rollout.num_generations})")
+    if stage.rollout.temperature <= 0:
+        raise ConfigError(f"{where}.rollout.temperature: sampling needs a temperature > 0")
+    if stage.algorithm.epsilon_low < 0 or stage.algorithm.epsilon_high < 0 or stage.algorithm.epsilon_low >= 1:
+        raise ConfigError(f"{where}.algorithm.epsilon_low/high: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
+    if stage.algorithm.beta < 0:
+        raise ConfigError(f"{where}.algorithm.beta: must be >= 0 (got {stage.algorithm.beta})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (``[a, b, c]``, YAML-parsed value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: write key=value, e.g. optim.learning_rate=1e-4")
+    return key.split("."), yaml.safe_load(value) if value else ""
+
+
+def as_dict(config: Any) -> Any:
+    """A config (or part of one) as plain YAML-able data."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: as_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {k: as_dict(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [as_dict(v) for v in config]
+    if isinstance(config, Choice):
+        return config.value
+    return config
+
+
+# ---- reading and merging ----------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level (seed, output_dir, stages, sections)")
+    return data
+
+
+def _stage_entries(stages: Any) -> list[dict[str, Any]]:
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("stages: list the stages to run, e.g. stages: [sft, grpo] or [{kind: sft, ...}]")
+    entries = []
+    for index, stage in enumerate(stages):
+        entry = {"kind": stage} if isinstance(stage, str) else stage
+        if not isinstance(entry, dict) or "kind" not in entry:
+            raise ConfigError(f"stages[{index}]: a stage is 'sft', 'grpo' or a mapping with 'kind'")
+        _check_keys(entry, ("kind", "name", "seed", "output_dir", *SECTIONS), f"stages[{index}]")
+        kind = _convert(entry["kind"], StageKind, f"stages[{index}].kind")
+        entries.append({**entry, "kind": kind.value, "name": str(entry.get("name", kind.value))})
+    names = [entry["name"] for entry in entries]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"stages: names must be unique; give 'name:' to the stages called {', '.join(duplicates)}")
+    clashing = sorted(set(names) & set(TOP_LEVEL))
+    if clashing:
+        raise ConfigError(f"stages: a stage may not be named like a config key ({', '.join(clashing)})")
+    return entries
+
+
+def _apply_overrides(raw: dict[str, Any], stage_names: list[str], overrides: list[str]
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Split overrides into shared ones (applied to the shared sections, after the stage entries
+    are merged: see ``load_config``) and per-stage ones."""
+    shared = {k: v for k, v in raw.items() if k != "stages"}
+    all_stages: dict[str, Any] = {}
+    per_stage: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] in stage_names and len(keys) > 1:
+            _set(per_stage.setdefault(keys[0], {}), keys[1:], value)
+        elif keys[0] in ("seed", "output_dir") and len(keys) == 1:
+            shared[keys[0]] = value
+        elif keys[0] in SECTIONS:
+            _set(all_stages, keys, value)
+        else:
+            allowed = [*TOP_LEVEL[:2], *SECTIONS, *stage_names]
+            raise ConfigError(f"override {item!r}: {_unknown(keys[0], allowed)}")
+    for name in stage_names:  # command-line values win over the stage entries in the file
+        per_stage[name] = _deep_merge(all_stages, per_stage.get(name, {}))
+    return shared, per_stage
+
+
+def _set(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+    target[keys[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# ---- typed conversion ---------------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, converting and checking every field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} ({data!r})")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    _check_keys(data, names, path)
+    values = {name: _convert(value, hints[name], f"{path}.{name}".lstrip(".")) for name, value in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        if dataclasses.is_dataclass(args[1]):
+            return {str(k): _build(args[1], v if v is not None else {}, f"{path}.{k}") for k, v in value.items()}
+        return dict(value)
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        try:
+            return hint(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return _scalar(value, hint, path)
+
+
+def _scalar(value: Any, hint: Any, path: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{path}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _check_keys(data: dict[str, Any], allowed: tuple[str, ...] | list[str], path: str) -> None:
+    for key in data:
+        if key not in allowed:
+            where = f"{path}." if path else ""
+            raise ConfigError(f"{where}{key}: {_unknown(str(key), allowed)}")
+
+
+def _unknown(key: str, allowed: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}allowed: {', '.join(allowed)}"

@@ -1,0 +1,82 @@
+"""Rewards -> per-completion advantages, normalised within each group of G samples of a prompt.
+
+Completions are laid out group by group: rows ``[g*G, (g+1)*G)`` are the G samples of prompt g.
+NaN marks a reward that does not apply to a completion; a completion no reward applies to is
+*unscorable*: it is left out of its group's statistics and gets advantage 0, so it neither moves
+the baseline nor receives a made-up signal (the same convention as TRL's GRPOTrainer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlreason.choices import Choice
+
+STD_EPS = 1e-4  # added to the standard deviation, as in TRL's GRPOTrainer
+
+
+class AdvantageScale(Choice):
+    """What the centred reward is divided by."""
+
+    GROUP = "group"  # the group's std (GRPO)
+    BATCH = "batch"  # the std of all rewards in the batch (more robust for small G)
+    NONE = "none"  # no scaling ("Dr. GRPO": removes the difficulty bias of std scaling)
+
+
+def combine_rewards(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the rewards that apply.
+
+    Args:
+        values: ``[N, R]`` scores, NaN where a reward does not apply.
+        weights: ``[R]``.
+
+    Returns:
+        ``[N]`` total reward; NaN for completions no reward applies to.
+    """
+    total = (values * weights.to(values)).nansum(dim=1)  # [N]
+    return total.masked_fill(values.isnan().all(dim=1), float("nan"))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageScale | str = AdvantageScale.GROUP
+                     ) -> torch.Tensor:
+    """``(r_i - mean_group) / (std + 1e-4)``, NaN-aware.
+
+    Args:
+        rewards: ``[N]`` total rewards, N = B * group_size, NaN for unscorable completions.
+        group_size: G.
+        scale: ``group`` (the group's std), ``batch`` (the batch's std) or ``none``.
+
+    Returns:
+        ``[N]`` advantages; 0 for unscorable completions. Stds use Bessel's correction.
+    """
+    scale = AdvantageScale(scale)
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    centred = (grouped - grouped.nanmean(dim=1, keepdim=True)).reshape(-1)  # [N]
+    if scale is AdvantageScale.GROUP:
+        centred = centred / (_nanstd(grouped, dim=1).repeat_interleave(group_size) + STD_EPS)
+    elif scale is AdvantageScale.BATCH:
+        centred = centred / (_nanstd(rewards.reshape(1, -1), dim=1) + STD_EPS)
+    return centred.nan_to_num(nan=0.0)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int, atol: float = 1e-6) -> torch.Tensor:
+    """``[B]`` True for groups whose scorable rewards are all equal (no learning signal: dynamic
+    sampling drops them). A group with fewer than two scorable rewards counts as zero-variance."""
+    grouped = _grouped(rewards, group_size)  # [B, G]
+    high = grouped.nan_to_num(nan=-float("inf")).amax(dim=1)
+    low = grouped.nan_to_num(nan=float("inf")).amin(dim=1)
+    scorable = (~grouped.isnan()).sum(dim=1)
+    return (scorable < 2) | ((high - low) <= atol)
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bessel-corrected std ignoring NaN; 0 where fewer than two values are present."""
+    count = (~values.isnan()).sum(dim=dim)
+    squares = (values - values.nanmean(dim=dim, keepdim=True)).pow(2).nansum(dim=dim)
+    return torch.where(count > 1, (squares / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(squares))

@@ -1,0 +1,1 @@
+"""Training stages (SFT cold start, GRPO) and the pipeline that chains them."""

@@ -1,0 +1,352 @@
+"""The GRPO stage: sample G completions per prompt, score them, and push the policy towards the
+better ones with the clipped surrogate (math in ``vlreason.rl``).
+
+One step (``GRPOTrainer.step``):
+
+1. draw B prompts and encode each with its images once;
+2. sample G completions per prompt from the rollout engine;
+3. score them with every reward (an N x R table, NaN = not applicable);
+4. combine the rewards (weighted, NaN-aware) and normalise within each group; with dynamic
+   sampling, drop zero-variance groups and refill from the next prompts;
+5. log-probs of the sampled tokens under the sampling policy (stored when mu > 1) and under the
+   frozen reference (when beta > 0; for LoRA the base model with the adapters switched off);
+6. mu times: policy log-probs with gradients, loss, backward, skip the update if the loss or the
+   gradient is not finite, clip, optimizer step;
+7. log, dump rollouts, checkpoint.
+
+Every prompt is run once for its G completions (``vlreason.models.prefix``), in sampling as in
+the log-prob passes. Checkpoints hold the trainable weights, optimizer, scheduler, prompt
+order position and step, so ``resume`` continues the same run exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from vlreason.config import StageConfig, final_checkpoint
+from vlreason.data.jsonl import read_jsonl
+from vlreason.models.prefix import completion_logits, token_entropy, token_logprobs
+from vlreason.rewards.api import check_columns, get_reward
+from vlreason.rewards.scoring import RewardScorer
+from vlreason.rl import combine_rewards, policy_loss
+from vlreason.rollout.engine import SamplingParams, build_engine
+from vlreason.training.checkpoints import checkpoint_step, latest_checkpoint, prune_checkpoints
+from vlreason.training.metrics import MetricsLog, plot_curves, read_metrics
+from vlreason.training.model_setup import prepare_model, save_final
+from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
+from vlreason.training.sft import StageResult
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue; the message says why and what to change."""
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    grad_norm: float
+    clip_fraction: float
+    kl: float
+    entropy: float
+    skipped: bool
+
+
+def run_grpo(stage: StageConfig, resume: bool = False) -> StageResult:
+    """Train ``stage`` (kind ``grpo``) and save ``output_dir/final``."""
+    trainer = GRPOTrainer(stage)
+    if resume:
+        trainer.resume()
+    return trainer.train()
+
+
+class GRPOTrainer:
+    def __init__(self, stage: StageConfig):
+        self.stage = stage
+        self.out = Path(stage.output_dir)
+        self.vlm = prepare_model(stage.model, stage.seed)
+        self.model = self.vlm.model
+        data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
+        rewards = {name: get_reward(spec.fn or name, stage.base_dir, **spec.options)
+                   for name, spec in stage.rewards.items()}
+        check_columns(rewards, data.columns, stage.data.train)
+        self.stream = PromptStream(data.samples[: stage.data.max_samples], stage.seed)
+        self.reference = self._reference_model()
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=stage.optim.learning_rate,
+                                           weight_decay=stage.optim.weight_decay)
+        self.scheduler = get_scheduler(stage.optim.scheduler.value, self.optimizer,
+                                       num_warmup_steps=stage.optim.warmup_steps,
+                                       num_training_steps=stage.optim.max_steps)
+        rollout = stage.rollout
+        self.sampler = GroupSampler(
+            self.vlm, build_engine(rollout.engine, self.vlm), RewardScorer(rewards, stage.algorithm.on_reward_error),
+            torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(data.columns),
+            rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
+                                                    max_new_tokens=rollout.max_new_tokens),
+            stage.algorithm.scale_rewards, time.perf_counter)
+        self.step_count = 0
+        self.bad_in_row = 0
+        self.train_seconds = 0.0
+        self.resumed_from: int | None = None
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> StageResult:
+        optim, log = self.stage.optim, self.stage.logging
+        metrics = MetricsLog(self.out, log.tensorboard, resume_step=self.resumed_from)
+        bar = tqdm(total=optim.max_steps, initial=self.step_count, desc=f"grpo {self.stage.name}",
+                   disable=not log.progress, unit="step")
+        try:
+            while self.step_count < optim.max_steps and not self._out_of_time():
+                started = time.perf_counter()
+                values = self.step()
+                self.train_seconds += time.perf_counter() - started
+                values["time/step"] = time.perf_counter() - started
+                self.step_count += 1
+                if self.step_count % log.log_every == 0:
+                    metrics.write(self.step_count, values)
+                bar.update(1)
+                bar.set_postfix(reward=f"{values['reward/total']:.3f}", kl=f"{values['kl']:.4f}")
+                if self.stage.save.every and self.step_count % self.stage.save.every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            metrics.close()
+        final = save_final(self.vlm, final_checkpoint(self.out))
+        self.plot()
+        return StageResult(final_path=final, steps=self.step_count, seconds=self.train_seconds)
+
+    def step(self) -> dict[str, Any]:
+        """One GRPO step (numbered as in the module docstring); returns what to log."""
+        algorithm = self.stage.algorithm
+        self.model.eval()
+        # steps 1-4: prompts -> completions -> rewards -> advantages (with dynamic sampling)
+        batch = self.sampler.sample(self.stream, self.stage.optim.batch_size, self.stage.seed * 100003 +
+                                    self.step_count, algorithm.dynamic_sampling, algorithm.max_refill_tries)
+        if not batch.parts:
+            raise TrainingStopped(self._why_no_groups(batch))
+        # step 5: log-probs of the sampling policy (only needed when it changes during the step)
+        # and of the reference
+        train_start = time.perf_counter()
+        masks = [self._loss_mask(part) for part in batch.parts]
+        old = [self._logprobs(part, self.model) for part in batch.parts] if algorithm.num_iterations > 1 else None
+        ref = [self._reference_logprobs(part) for part in batch.parts] if algorithm.beta > 0 else None
+        # step 6: mu policy updates on the same samples
+        self.model.train()
+        updates = [self._update(batch, masks, old, ref) for _ in range(algorithm.num_iterations)]
+        train_s = time.perf_counter() - train_start
+        # step 7: what to log
+        if self.stage.logging.rollouts_every and self.step_count % self.stage.logging.rollouts_every == 0:
+            self._dump_rollouts(batch)
+        return self._step_metrics(batch, updates, train_s)
+
+    def _update(self, batch: SampledBatch, masks: list[torch.Tensor], old: list[torch.Tensor] | None,
+                ref: list[torch.Tensor] | None) -> UpdateStats:
+        """One optimizer step over all groups of the batch (gradients accumulated per part, with
+        the whole batch's normaliser so the result equals one pass over the batch)."""
+        algorithm = self.stage.algorithm
+        num_sequences = sum(m.shape[0] for m in masks)
+        num_tokens = float(sum(m.sum() for m in masks))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, clip_sum, kl_sum, entropy_sum = 0.0, 0.0, 0.0, 0.0
+        for index, part in enumerate(batch.parts):
+            logits = self._completion_logits(part, self.model)
+            logp = token_logprobs(logits, part.rollouts.completion_ids, self.stage.rollout.temperature)
+            mask = masks[index]
+            result = policy_loss(
+                logp, old[index] if old else logp.detach(), part.advantages, mask,
+                epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
+                aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
+                beta=algorithm.beta, ref_logp=ref[index] if ref else None,
+                num_sequences=num_sequences, num_tokens=num_tokens)
+            result.loss.backward()
+            share = float(mask.sum()) / max(num_tokens, 1.0)
+            loss_sum += float(result.loss.detach())
+            clip_sum += float(result.clip_fraction) * share
+            kl_sum += float(result.kl) * share
+            entropy = token_entropy(logits.detach(), self.stage.rollout.temperature)
+            entropy_sum += float((entropy * mask).sum()) / max(num_tokens, 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.stage.optim.max_grad_norm))
+        skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+        if skipped:
+            self._skip_update(loss_sum, grad_norm)
+        else:
+            self.optimizer.step()
+            self.bad_in_row = 0
+        self.scheduler.step()
+        return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, skipped)
+
+    def _skip_update(self, loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_row += 1
+        logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
+                       self.step_count + 1, loss, grad_norm, self.bad_in_row)
+        if self.bad_in_row >= self.stage.optim.max_bad_steps:
+            self.save_checkpoint()
+            raise TrainingStopped(
+                f"{self.bad_in_row} updates in a row had a non-finite loss or gradient; stopped at step "
+                f"{self.step_count} (checkpoint saved, weights are from the last good update). Lower "
+                "optim.learning_rate, check the reward values, or use dtype float32/bfloat16 instead of float16.")
+
+    # ---- log-probs --------------------------------------------------------------------------
+
+    def _completion_logits(self, part: GroupBatch, model: torch.nn.Module) -> torch.Tensor:
+        """``[N, T, V]``, each prompt run once for its G completions."""
+        device = next(model.parameters()).device
+        rollouts = part.rollouts
+        return completion_logits(model, part.prompt_inputs.to(device), rollouts.completion_ids.to(device),
+                                 rollouts.completion_mask.to(device), self.stage.rollout.num_generations)
+
+    @torch.no_grad()
+    def _logprobs(self, part: GroupBatch, model: torch.nn.Module) -> torch.Tensor:
+        logits = self._completion_logits(part, model)
+        device = logits.device
+        return token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
+
+    def _reference_logprobs(self, part: GroupBatch) -> torch.Tensor:
+        if self.reference is not None:
+            return self._logprobs(part, self.reference)
+        with self.model.disable_adapter():  # LoRA: the reference is the base model, no copy
+            return self._logprobs(part, self.model)
+
+    def _reference_model(self) -> torch.nn.Module | None:
+        """A frozen copy of the starting policy when beta > 0 (not needed for LoRA)."""
+        if self.stage.algorithm.beta == 0 or isinstance(self.model, PeftModel):
+            return None
+        reference = copy.deepcopy(self.model).eval()
+        reference.requires_grad_(False)
+        return reference
+
+    def _loss_mask(self, part: GroupBatch) -> torch.Tensor:
+        """``[N, T]`` tokens the loss counts: generated tokens through end-of-sequence. With
+        ``mask_truncated``, completions cut off at ``max_new_tokens`` are left out entirely
+        (they are still scored and logged)."""
+        mask = part.rollouts.completion_mask.clone()
+        if self.stage.algorithm.mask_truncated:
+            mask[part.rollouts.truncated] = 0
+        return mask
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+
+    def _step_metrics(self, batch: SampledBatch, updates: list[UpdateStats], train_s: float) -> dict[str, Any]:
+        last = updates[-1]
+        values = torch.cat([part.rewards for part in batch.parts])
+        all_rewards = combine_rewards(torch.from_numpy(np.concatenate([t.values for t in batch.all_tables])).float(),
+                                      self.sampler.weights)
+        advantages = torch.cat([part.advantages for part in batch.parts])
+        return {
+            "reward/total": float(all_rewards.nanmean()),
+            "reward/total_std": float(all_rewards[~all_rewards.isnan()].std()) if all_rewards.numel() > 1 else 0.0,
+            "reward/kept_total": float(values.nanmean()),
+            **reward_stats(batch.all_tables, batch.all_rollouts),
+            "advantages/mean": float(advantages.mean()),
+            "advantages/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+            "advantages/abs_max": float(advantages.abs().max()),
+            "loss": last.loss,
+            "grad_norm": last.grad_norm,
+            "kl": last.kl,
+            "clip_fraction": last.clip_fraction,
+            "entropy": last.entropy,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "skipped_updates": float(sum(u.skipped for u in updates)),
+            "groups/sampled": float(batch.sampled_groups),
+            "groups/kept": float(batch.kept_groups),
+            "groups/draws": float(batch.draws),
+            "data/skipped_samples": float(batch.skipped_samples),
+            "time/generate": batch.generate_s,
+            "time/reward": batch.reward_s,
+            "time/train": train_s,
+        }
+
+    def _why_no_groups(self, batch: SampledBatch) -> str:
+        if batch.sampled_groups == 0:
+            return (f"step {self.step_count + 1}: no prompt of the last {batch.draws} batch(es) could be loaded "
+                    f"({batch.skipped_samples} skipped; see the warnings above). Check the data with "
+                    "`vlreason data check`.")
+        return (f"step {self.step_count + 1}: dynamic sampling dropped all {batch.sampled_groups} groups of "
+                f"{batch.draws} prompt batch(es): within every group all completions got the same reward, so "
+                "there is nothing to learn from. The task may be too easy or too hard for the model now; raise "
+                "rollout.temperature or rollout.num_generations, use a graded reward (e.g. continuous IoU), "
+                "or raise algorithm.max_refill_tries.")
+
+    def _out_of_time(self) -> bool:
+        budget = self.stage.optim.time_budget_s
+        return budget is not None and self.train_seconds >= budget
+
+    def _dump_rollouts(self, batch: SampledBatch) -> None:
+        with (self.out / "rollouts.jsonl").open("a") as handle:
+            for part in batch.parts:
+                g = self.stage.rollout.num_generations
+                for row, text in enumerate(part.rollouts.texts):
+                    sample = part.samples[row // g]
+                    scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(
+                        part.table.names, part.table.values[row], strict=True)}
+                    record = {"step": self.step_count + 1, "id": sample.id, "source": sample.source,
+                              "completion": text, "rewards": scores, "advantage": float(part.advantages[row]),
+                              "truncated": bool(part.rollouts.truncated[row])}
+                    handle.write(json.dumps(record) + "\n")
+
+    def plot(self) -> Path | None:
+        records = read_metrics(self.out / "metrics.jsonl")
+        if not records:
+            return None
+        keys = ["reward/total", *(f"reward/{name}" for name in self.stage.rewards)]
+        return plot_curves(records, keys, self.out / "reward_curve.png", f"GRPO rewards ({self.stage.name})")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place)."""
+        path = self.out / f"checkpoint-{self.step_count}"
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+        state = {"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step_count, "stream": self.stream.state(), "bad_in_row": self.bad_in_row,
+                 "train_seconds": self.train_seconds, "torch_rng": torch.get_rng_state()}
+        torch.save(state, tmp / STATE_FILE)
+        with (tmp / STATE_FILE).open("rb") as handle:
+            os.fsync(handle.fileno())
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        prune_checkpoints(self.out, self.stage.save.keep)
+        return path
+
+    def resume(self) -> None:
+        """Load the newest checkpoint of this stage, if there is one."""
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        missing = set(name for name, p in self.model.named_parameters() if p.requires_grad) - set(state["model"])
+        if missing:
+            raise ValueError(f"{path} does not match this model/config (missing {len(missing)} trainable tensors, "
+                             f"e.g. {sorted(missing)[0]}); resume with the config the run was started with")
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = state["step"]
+        self.stream = PromptStream(self.stream.samples, self.stage.seed, **state["stream"])
+        self.bad_in_row = state["bad_in_row"]
+        self.train_seconds = state["train_seconds"]
+        torch.set_rng_state(state["torch_rng"])
+        self.resumed_from = checkpoint_step(path)

@@ -1,0 +1,91 @@
+"""Per-step metrics: a ``metrics.jsonl`` line per logged step, TensorBoard scalars, and plots.
+
+On resume the log keeps the lines up to the checkpoint's step and drops later ones (they
+belong to the steps that are about to be run again), so the file always tells one history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class MetricsLog:
+    """Append-only ``out_dir/metrics.jsonl`` (+ ``out_dir/tensorboard``)."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        record = {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (empty when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: Sequence[Mapping[str, Any]], keys: Sequence[str], out: str | Path, title: str,
+                x_key: str = "step") -> Path:
+    """Plot ``keys`` of metrics records against ``x_key`` (one line each, light smoothing) to a PNG."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r[x_key], r[key]) for r in records if r.get(key) is not None]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, alpha=0.3, linewidth=1)
+        ax.plot(xs, _smooth(ys), label=key, linewidth=2, color=ax.lines[-1].get_color())
+    ax.set_xlabel(x_key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def _smooth(values: Sequence[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average, as TensorBoard's smoothing slider does."""
+    out, last = [], values[0]
+    for value in values:
+        last = weight * last + (1 - weight) * value
+        out.append(last)
+    return out
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

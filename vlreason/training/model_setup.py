@@ -1,0 +1,59 @@
+"""What every stage does first and last: build the model to train, and save it for the next stage."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from vlreason.config import ModelConfig
+from vlreason.models.vlm import VLM, load_vlm, save_vlm
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_model(config: ModelConfig, seed: int) -> VLM:
+    """Load the model, freeze the vision tower if asked, and wrap it with LoRA if enabled."""
+    vlm = load_vlm(config.name_or_path, dtype=config.dtype, attn_implementation=config.attn_implementation,
+                   min_pixels=config.min_pixels, max_pixels=config.max_pixels, seed=seed)
+    if config.lora.enabled:
+        lora = PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              target_modules=config.lora.target_modules or vlm.adapter.lora_target_modules)
+        vlm.model = get_peft_model(vlm.model, lora)  # only the adapters train; the base stays frozen
+    elif config.freeze_vision:
+        for parameter in vision_tower(vlm.model).parameters():
+            parameter.requires_grad_(False)
+    trainable, total = count_parameters(vlm.model)
+    logger.info("%s: %.2fM of %.2fM parameters trainable", config.name_or_path, trainable / 1e6, total / 1e6)
+    return vlm
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision encoder (with its merger) of a Qwen-VL model, also under a peft wrapper."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.model.visual
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_final(vlm: VLM, path: str | Path) -> Path:
+    """Save a standard checkpoint (LoRA merged into the weights) atomically: written next to
+    ``path`` and renamed into place, so a crash never leaves a half-written model there."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = vlm.model
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()  # a plain model that load_vlm and transformers read
+    save_vlm(VLM(model=model, processor=vlm.processor, adapter=vlm.adapter, resize=vlm.resize), tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path

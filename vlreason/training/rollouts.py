@@ -1,0 +1,208 @@
+"""Sampling and scoring one GRPO batch: prompts -> G completions each -> rewards -> advantages.
+
+A ``Group`` batch holds everything the update needs for B' prompts: their encoded inputs, the
+N = B' * G completions, the reward table and the advantages. With dynamic sampling the groups
+whose rewards are all equal carry no signal and are dropped; the batch is then refilled from the
+next prompts, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from vlreason.data.batch import load_sample_images
+from vlreason.data.schema import Sample
+from vlreason.models.vlm import VLM
+from vlreason.rewards.parsing import BoxDecoder
+from vlreason.rewards.scoring import RewardScorer, RewardTable, dataset_columns, parsed_columns
+from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
+from vlreason.rollout.engine import RolloutEngine, Rollouts, SamplingParams
+from vlreason.vision.images import ImageInfo
+
+logger = logging.getLogger(__name__)
+
+
+class PromptStream:
+    """Training samples in a reshuffled order every epoch, resumable from ``(epoch, cursor)``."""
+
+    def __init__(self, samples: Sequence[Sample], seed: int, epoch: int = 0, cursor: int = 0):
+        if not samples:
+            raise ValueError("no training prompts")
+        self.samples = list(samples)
+        self.seed = seed
+        self.epoch = epoch
+        self.cursor = cursor
+        self._order = self._shuffled(epoch)
+
+    def take(self, n: int) -> list[Sample]:
+        """The next ``n`` samples, crossing into the next epoch when this one runs out."""
+        out = []
+        while len(out) < n:
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            out.append(self.samples[self._order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+
+@dataclass
+class GroupBatch:
+    """B' prompts and their G completions each, scored (rows grouped by prompt)."""
+
+    samples: list[Sample]
+    prompt_inputs: BatchFeature
+    rollouts: Rollouts
+    table: RewardTable  # [N, R]
+    rewards: torch.Tensor  # [N] weighted total, NaN where no reward applies
+    advantages: torch.Tensor  # [N]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class SampledBatch:
+    """What one step sampled: the groups kept for the update, and the statistics of all sampled."""
+
+    parts: list[GroupBatch]
+    sampled_groups: int = 0
+    kept_groups: int = 0
+    draws: int = 0
+    skipped_samples: int = 0  # samples whose images failed to load
+    all_tables: list[RewardTable] = field(default_factory=list)
+    all_rollouts: list[Rollouts] = field(default_factory=list)
+    generate_s: float = 0.0
+    reward_s: float = 0.0
+
+
+class GroupSampler:
+    """Draws prompts, samples G completions each, scores them, computes advantages."""
+
+    def __init__(self, vlm: VLM, engine: RolloutEngine, scorer: RewardScorer, weights: torch.Tensor,
+                 data_columns: Sequence[str], group_size: int, sampling: SamplingParams,
+                 scale: AdvantageScale, clock: Callable[[], float]):
+        self.vlm = vlm
+        self.engine = engine
+        self.scorer = scorer
+        self.weights = weights
+        self.data_columns = list(data_columns)
+        self.group_size = group_size
+        self.sampling = sampling
+        self.scale = scale
+        self.clock = clock
+
+    def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int
+               ) -> SampledBatch:
+        """Groups for one update: ``batch_size`` prompts, or with dynamic sampling up to
+        ``batch_size`` prompts whose groups have reward variance, drawing at most
+        ``1 + max_refills`` batches of prompts."""
+        out = SampledBatch(parts=[])
+        draws_allowed = 1 + (max_refills if dynamic else 0)
+        while out.kept_groups < batch_size and out.draws < draws_allowed:
+            needed = batch_size - out.kept_groups if dynamic else batch_size
+            samples, images, skipped = load_sample_images(stream.take(needed))
+            out.skipped_samples += skipped
+            out.draws += 1
+            if not samples:
+                continue
+            part = self._sample_part(samples, images, seed * 1000 + out.draws, out)
+            if dynamic:
+                part = self._drop_flat_groups(part, images)
+            if part is not None:
+                out.parts.append(part)
+                out.kept_groups += part.num_prompts
+        return out
+
+    def _sample_part(self, samples: list[Sample], images: list[list[Image.Image]], seed: int,
+                     out: SampledBatch) -> GroupBatch:
+        g = self.group_size
+        # step 1: encode each prompt and its images once
+        start = self.clock()
+        prompt_inputs, infos = self.vlm.encode([s.prompt_messages for s in samples], images)
+        # step 2: sample G completions per prompt
+        params = SamplingParams(n=g, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                                max_new_tokens=self.sampling.max_new_tokens, seed=seed)
+        rollouts = self.engine.generate(prompt_inputs, params)
+        out.generate_s += self.clock() - start
+        # step 3: score every completion with every reward (boxes parsed into original pixels)
+        start = self.clock()
+        table = self._score(samples, infos, rollouts)
+        out.reward_s += self.clock() - start
+        out.sampled_groups += len(samples)
+        out.all_tables.append(table)
+        out.all_rollouts.append(rollouts)
+        # step 4: weighted total reward and group-normalised advantages
+        rewards = combine_rewards(torch.from_numpy(table.values).float(), self.weights)
+        advantages = group_advantages(rewards, g, self.scale)
+        return GroupBatch(samples, prompt_inputs, rollouts, table, rewards, advantages)
+
+    def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], rollouts: Rollouts) -> RewardTable:
+        g = self.group_size
+        decoders = [box_decoder(self.vlm, row) for row in infos for _ in range(g)]
+        columns = dataset_columns(samples, self.data_columns, repeat=g)
+        columns |= parsed_columns(rollouts.texts, [s.image_sizes for s in samples for _ in range(g)], decoders)
+        columns["prompts"] = [s.prompt_messages for s in samples for _ in range(g)]
+        columns["completion_ids"] = [ids[mask.bool()].tolist() for ids, mask in
+                                     zip(rollouts.completion_ids, rollouts.completion_mask, strict=True)]
+        return self.scorer(rollouts.texts, columns)
+
+    def _drop_flat_groups(self, part: GroupBatch, images: list[list[Image.Image]]) -> GroupBatch | None:
+        """Keep only groups with reward variance (DAPO's dynamic sampling). The kept prompts are
+        encoded again, which gives exactly the inputs they were sampled with."""
+        flat = zero_variance_groups(part.rewards, self.group_size)  # [B']
+        if not flat.any():
+            return part
+        keep = [i for i in range(part.num_prompts) if not flat[i]]
+        if not keep:
+            return None
+        rows = torch.tensor([i * self.group_size + j for i in keep for j in range(self.group_size)])
+        samples = [part.samples[i] for i in keep]
+        prompt_inputs, _ = self.vlm.encode([s.prompt_messages for s in samples], [images[i] for i in keep])
+        rollouts = Rollouts(part.rollouts.completion_ids[rows], part.rollouts.completion_mask[rows],
+                            [part.rollouts.texts[i] for i in rows.tolist()], part.rollouts.truncated[rows])
+        table = RewardTable(part.table.names, part.table.values[rows.numpy()], part.table.failures)
+        return GroupBatch(samples, prompt_inputs, rollouts, table, part.rewards[rows], part.advantages[rows])
+
+
+def box_decoder(vlm: VLM, infos: list[ImageInfo]) -> BoxDecoder | None:
+    """The family's box conversion for a sample's first image (None without images)."""
+    if not infos:
+        return None
+    info = infos[0]
+    return lambda values: vlm.adapter.from_model(values, info)
+
+
+def reward_stats(tables: Sequence[RewardTable], rollouts: Sequence[Rollouts]) -> dict[str, float]:
+    """Per-reward means (over applicable completions) and completion statistics of everything sampled."""
+    values = np.concatenate([t.values for t in tables])  # [N, R]
+    stats: dict[str, Any] = {}
+    for j, name in enumerate(tables[0].names):
+        column = values[:, j]
+        stats[f"reward/{name}"] = float(np.nanmean(column)) if (~np.isnan(column)).any() else None
+        stats[f"reward_failures/{name}"] = float(sum(t.failures.get(name, 0) for t in tables))
+    lengths = torch.cat([r.lengths for r in rollouts]).float()
+    stats["completions/mean_length"] = float(lengths.mean())
+    stats["completions/min_length"] = float(lengths.min())
+    stats["completions/max_length"] = float(lengths.max())
+    stats["completions/truncated_frac"] = float(torch.cat([r.truncated for r in rollouts]).float().mean())
+    stats["completions/empty_frac"] = float(np.mean([not t.strip() for r in rollouts for t in r.texts]))
+    return stats
