@@ -1,5 +1,8 @@
 """The ``vlreason`` command line.
 
+    vlreason train CONFIG.yaml [key=value ...] [--resume]   run the config's stages (sft, grpo)
+    vlreason eval MODEL --data FILE.jsonl [--out DIR]       task metrics, JSON + Markdown report
+    vlreason quickstart --out DIR                           CPU demo: synthetic grounding, SFT -> GRPO
     vlreason data check FILE.jsonl [FILE ...]       validate every line and every image
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
     vlreason rewards list                           built-in, registered and entry-point rewards
@@ -20,6 +23,7 @@ import yaml
 from vlreason.data import check_jsonl, read_jsonl
 from vlreason.data.synth import TASKS, synthesize
 from vlreason.registry import PluginError
+from vlreason.training import TrainingStopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (PluginError, ValueError, FileNotFoundError) as exc:
+    except (PluginError, ValueError, FileNotFoundError, TrainingStopped) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -40,6 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlreason", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(metavar="COMMAND")
+
+    train = commands.add_parser("train", help="run a training config (stages sft -> grpo)")
+    train.add_argument("config", metavar="CONFIG.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="e.g. optim.learning_rate=1e-4 (all stages) or grpo.rollout.num_generations=4")
+    train.add_argument("--resume", action="store_true",
+                       help="skip finished stages and continue the running one from its newest checkpoint")
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model on a data file")
+    evaluate.add_argument("model", help="checkpoint directory, hub id or tiny preset")
+    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl")
+    evaluate.add_argument("--out", help="report folder (default: MODEL/eval, or ./eval for a hub id)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    evaluate.set_defaults(run=run_eval)
+
+    quick = commands.add_parser("quickstart", help="synthetic grounding on CPU: base -> SFT -> GRPO vs more SFT")
+    quick.add_argument("--out", required=True, help="output folder (report.json, reward_curve.png, runs)")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.set_defaults(run=run_quickstart)
 
     data = commands.add_parser("data", help="check or synthesize data files").add_subparsers(metavar="ACTION")
     check = data.add_parser("check", help="validate JSONL files: every line, every image")
@@ -65,6 +91,44 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     score.set_defaults(run=run_rewards_check)
     return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vlreason.config import load_config
+    from vlreason.training.pipeline import run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    outcomes = run_pipeline(config, resume=args.resume)
+    rows = [(o.name, o.kind, "-" if o.steps is None else str(o.steps), o.final_path,
+             ", ".join(f"{k}={v:.3f}" for k, v in (o.eval or {}).items() if isinstance(v, float)) or "-")
+            for o in outcomes]
+    print(_format_table(("stage", "kind", "steps", "final model", "eval"), rows))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlreason.eval import evaluate, write_report
+    from vlreason.models.vlm import load_vlm
+
+    vlm = load_vlm(args.model)
+    report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      limit=args.limit)
+    out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
+    json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
+    print(_format_table(("metric", "value"), [(k, _cell(v) if isinstance(v, float) else str(v))
+                                                for k, v in report.metrics.items()]))
+    print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from vlreason.quickstart import format_report, run_quickstart
+
+    report = run_quickstart(args.out, seed=args.seed)
+    print(format_report(report))
+    return 0
 
 
 def run_data_check(args: argparse.Namespace) -> int:

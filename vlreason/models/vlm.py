@@ -9,7 +9,7 @@ directory ``AutoProcessor`` can silently return only the tokenizer, and every tr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlreason.data.schema import Message
 from vlreason.models.adapters import ChatStyle, FamilyAdapter, adapter_for
 from vlreason.models.tiny import TINY_PRESETS, TinySpec, tiny_config, tiny_tokenizer
+from vlreason.vision.boxes import Box
 from vlreason.vision.images import ImageInfo, ResizePolicy, fit_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +104,14 @@ class VLM:
                                 return_tensors="pt")
         inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
         return inputs, [infos for _, infos in fitted]
+
+    def box_decoder(self, infos: Sequence[ImageInfo]) -> Callable[[Sequence[float]], Box] | None:
+        """Parses this family's box coordinates for a sample's first image into original pixels
+        (None for a sample without images)."""
+        if not infos:
+            return None
+        info = infos[0]
+        return lambda values: self.adapter.from_model(values, info)
 
     def _assistant_boxes_to_model(self, conversation: Sequence[Message], infos: list[ImageInfo]) -> list[Message]:
         if not infos:

@@ -45,6 +45,7 @@ from vlreason.rewards.api import check_columns, get_reward
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, policy_loss
 from vlreason.rollout.engine import SamplingParams, build_engine
+from vlreason.training import TrainingStopped
 from vlreason.training.checkpoints import checkpoint_step, latest_checkpoint, prune_checkpoints
 from vlreason.training.metrics import MetricsLog, plot_curves, read_metrics
 from vlreason.training.model_setup import prepare_model, save_final
@@ -53,10 +54,6 @@ from vlreason.training.sft import StageResult
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot continue; the message says why and what to change."""
 
 
 @dataclass

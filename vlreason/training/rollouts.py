@@ -22,7 +22,6 @@ from transformers import BatchFeature
 from vlreason.data.batch import load_sample_images
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM
-from vlreason.rewards.parsing import BoxDecoder
 from vlreason.rewards.scoring import RewardScorer, RewardTable, dataset_columns, parsed_columns
 from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
 from vlreason.rollout.engine import RolloutEngine, Rollouts, SamplingParams
@@ -157,7 +156,7 @@ class GroupSampler:
 
     def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], rollouts: Rollouts) -> RewardTable:
         g = self.group_size
-        decoders = [box_decoder(self.vlm, row) for row in infos for _ in range(g)]
+        decoders = [self.vlm.box_decoder(row) for row in infos for _ in range(g)]
         columns = dataset_columns(samples, self.data_columns, repeat=g)
         columns |= parsed_columns(rollouts.texts, [s.image_sizes for s in samples for _ in range(g)], decoders)
         columns["prompts"] = [s.prompt_messages for s in samples for _ in range(g)]
@@ -181,14 +180,6 @@ class GroupSampler:
                             [part.rollouts.texts[i] for i in rows.tolist()], part.rollouts.truncated[rows])
         table = RewardTable(part.table.names, part.table.values[rows.numpy()], part.table.failures)
         return GroupBatch(samples, prompt_inputs, rollouts, table, part.rewards[rows], part.advantages[rows])
-
-
-def box_decoder(vlm: VLM, infos: list[ImageInfo]) -> BoxDecoder | None:
-    """The family's box conversion for a sample's first image (None without images)."""
-    if not infos:
-        return None
-    info = infos[0]
-    return lambda values: vlm.adapter.from_model(values, info)
 
 
 def reward_stats(tables: Sequence[RewardTable], rollouts: Sequence[Rollouts]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from vlreason.config import StageConfig, final_checkpoint
 from vlreason.data.batch import load_sample_images
@@ -67,6 +67,8 @@ def run_sft(stage: StageConfig, resume: bool = False) -> StageResult:
         data_collator=SFTCollator(vlm, stage.data.thought_dropout, stage.seed),
         callbacks=[clock, MetricsCallback(MetricsLog(out, stage.logging.tensorboard, checkpoint_step(checkpoint)))],
     )
+    if not stage.logging.progress:
+        trainer.remove_callback(PrinterCallback)  # without a progress bar, Trainer prints every log dict
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     final = save_final(vlm, final_checkpoint(out))
     return StageResult(final_path=final, steps=trainer.state.global_step, seconds=clock.elapsed)

@@ -1,0 +1,135 @@
+"""Evaluate a model on a data file: greedy decoding, then the metrics the data's ground truth
+supports, computed with the same reward functions GRPO trains on (so "IoU" means one thing).
+
+Which metrics apply is read from the columns: one box per sample -> ``mean_iou`` and
+``iou@0.5``; boxes with labels -> ``map`` / ``map50``; ``choices`` -> ``choice_accuracy``;
+numeric ``answer`` -> ``accuracy`` (exact match); ``label`` -> ``accuracy`` (class).
+``format_rate`` (the ``<think>..</think><answer>..</answer>`` template) is always reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlreason.data.batch import load_sample_images
+from vlreason.data.jsonl import read_jsonl
+from vlreason.data.schema import Sample
+from vlreason.models.vlm import VLM
+from vlreason.rewards.api import get_reward
+from vlreason.rewards.scoring import OnRewardError, RewardScorer, dataset_columns, parsed_columns
+from vlreason.rollout.engine import SamplingParams
+from vlreason.rollout.hf import HFEngine
+
+
+@dataclass
+class EvalReport:
+    """Metrics over a data file and the per-sample predictions behind them."""
+
+    data: str
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def task_metrics(samples: Sequence[Sample]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Metric name -> (reward name, options) for what the samples' ground truth supports."""
+    metrics: dict[str, tuple[str, dict[str, Any]]] = {"format_rate": ("format", {})}
+    with_boxes = [s for s in samples if s.boxes]
+    if with_boxes and all(len(s.boxes) == 1 and not s.labels for s in with_boxes):
+        metrics["mean_iou"] = ("iou", {})
+        metrics["iou@0.5"] = ("iou", {"threshold": 0.5})
+    elif with_boxes:
+        metrics["map"] = ("detection_map", {"metric": "ap"})
+        metrics["map50"] = ("detection_map", {"metric": "ap50"})
+        metrics["box_f1"] = ("multi_box_iou", {})
+    if any(s.choices for s in samples):
+        metrics["choice_accuracy"] = ("choice", {})
+    elif any(s.answer is not None for s in samples) and all(_is_number(s.answer) for s in samples if s.answer):
+        metrics["accuracy"] = ("numeric", {})
+    if any(s.label is not None for s in samples):
+        metrics["accuracy"] = ("classification", {})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(vlm: VLM, data_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
+             limit: int | None = None, progress: bool = True) -> EvalReport:
+    """Greedy answers for the samples of ``data_path`` and the task's metrics (see module docstring)."""
+    samples = read_jsonl(data_path).samples[:limit]
+    if not samples:
+        raise ValueError(f"{data_path}: no samples to evaluate")
+    engine = HFEngine(vlm)
+    vlm.model.eval()
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    kept, texts, decoders, truncated = [], [], [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
+        batch, images, _ = load_sample_images(samples[start:start + batch_size])
+        if not batch:
+            continue
+        inputs, infos = vlm.encode([s.prompt_messages for s in batch], images)
+        rollouts = engine.generate(inputs, params)
+        kept += batch
+        texts += rollouts.texts
+        truncated += rollouts.truncated.tolist()
+        decoders += [vlm.box_decoder(row) for row in infos]
+    return score_predictions(str(data_path), kept, texts, decoders, truncated)
+
+
+def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str], decoders: Sequence[Any],
+                      truncated: Sequence[bool]) -> EvalReport:
+    """Metrics of given completions (one per sample)."""
+    spec = task_metrics(samples)
+    rewards = {name: get_reward(reward, **options) for name, (reward, options) in spec.items()}
+    names = sorted({c for s in samples for c in s.columns()})
+    columns = dataset_columns(samples, names) | parsed_columns(texts, [s.image_sizes for s in samples], decoders)
+    table = RewardScorer(rewards, OnRewardError.SKIP)(list(texts), columns)
+    metrics = {name: _nanmean(table.column(name)) for name in spec}
+    metrics["truncated_rate"] = float(np.mean(truncated)) if truncated else 0.0
+    metrics["samples"] = len(samples)
+    predictions = [{"id": s.id, "completion": text, **{n: _finite(v) for n, v in zip(table.names, row, strict=True)}}
+                   for s, text, row in zip(samples, texts, table.values, strict=True)]
+    return EvalReport(data=data, metrics=metrics, predictions=predictions)
+
+
+def write_report(report: EvalReport, out_dir: str | Path, title: str = "Evaluation") -> tuple[Path, Path]:
+    """``out_dir/eval.json`` (metrics + predictions) and ``out_dir/eval.md`` (metrics + examples)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    json_path.write_text(json.dumps({"data": report.data, "metrics": report.metrics,
+                                     "predictions": report.predictions}, indent=1))
+    lines = [f"# {title}", "", f"Data: `{report.data}`", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in report.metrics.items()]
+    lines += ["", "## Examples", ""]
+    for prediction in report.predictions[:5]:
+        scores = ", ".join(f"{k}={_fmt(v)}" for k, v in prediction.items() if k not in ("id", "completion"))
+        lines += [f"- `{prediction['id']}` ({scores}): `{prediction['completion'][:200]}`"]
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    return float(np.nanmean(values)) if (~np.isnan(values)).any() else None
+
+
+def _finite(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
