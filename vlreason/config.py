@@ -99,7 +99,7 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     weight: float = 1.0
-    fn: str | None = None  # reward spec (name, module:attr, file.py:attr); default: the entry's key
+    fn: str | None = None  # reward spec (name, module:attr, file.py:attr relative to the config); default: the key
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a reward class
 
 
@@ -160,7 +160,6 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
-    base_dir: str = "."  # folder of the config file: reward plugin files are looked up there first
 
 
 @dataclass
@@ -188,23 +187,25 @@ def load_config(path: str | Path | None, overrides: list[str] = (), raw: dict[st
             raise ConfigError("give a config file or a dict")
         raw = _read_yaml(Path(path))
     raw = copy.deepcopy(raw)
-    base_dir = str(Path(path).resolve().parent) if path else "."
+    config_dir = Path(path).resolve().parent if path else None
     _check_keys(raw, TOP_LEVEL, "")
     entries = _stage_entries(raw.get("stages"))
     names = [entry["name"] for entry in entries]
-    shared, per_stage = _apply_overrides(raw, names, overrides)
+    shared, every_stage, per_stage = _split_overrides(raw, names, overrides)
     output_dir = str(shared.get("output_dir") or "runs/vlreason")
     seed = _convert(shared.get("seed", 0), int, "seed")
     stages: list[StageConfig] = []
     for entry in entries:
-        own = _deep_merge(entry, per_stage.get(entry["name"], {}))
-        if stages and "name_or_path" not in own.get("model", {}):  # start from the previous stage's model
+        own = _deep_merge(_deep_merge(entry, every_stage), per_stage.get(entry["name"], {}))
+        if stages and "name_or_path" not in _deep_merge(entry, per_stage.get(entry["name"], {})).get("model", {}):
+            # a later stage starts from the previous stage's model (a shared model.name_or_path, in
+            # the file or on the command line, names the pipeline's starting model)
             own = _deep_merge(own, {"model": {"name_or_path": final_checkpoint(stages[-1].output_dir)}})
         merged = _deep_merge({k: shared[k] for k in SECTIONS if k in shared}, own)
         merged.setdefault("output_dir", str(Path(output_dir) / entry["name"]))
         merged.setdefault("seed", seed)
-        merged["base_dir"] = base_dir
-        stages.append(_build(StageConfig, merged, f"stages[{entry['name']}]"))
+        stage = _build(StageConfig, merged, f"stages[{entry['name']}]")
+        stages.append(_with_plugin_paths(stage, config_dir))
     config = PipelineConfig(output_dir=output_dir, stages=stages, seed=seed)
     validate(config)
     return config
@@ -307,12 +308,12 @@ def _stage_entries(stages: Any) -> list[dict[str, Any]]:
     return entries
 
 
-def _apply_overrides(raw: dict[str, Any], stage_names: list[str], overrides: list[str]
-                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Split overrides into shared ones (applied to the shared sections, after the stage entries
-    are merged: see ``load_config``) and per-stage ones."""
+def _split_overrides(raw: dict[str, Any], stage_names: list[str], overrides: list[str]
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """The file's top level with ``seed=`` / ``output_dir=`` applied, the section overrides for
+    every stage, and the overrides per stage name (both win over the file's stage entries)."""
     shared = {k: v for k, v in raw.items() if k != "stages"}
-    all_stages: dict[str, Any] = {}
+    every_stage: dict[str, Any] = {}
     per_stage: dict[str, dict[str, Any]] = {}
     for item in overrides:
         keys, value = parse_override(item)
@@ -321,13 +322,23 @@ def _apply_overrides(raw: dict[str, Any], stage_names: list[str], overrides: lis
         elif keys[0] in ("seed", "output_dir") and len(keys) == 1:
             shared[keys[0]] = value
         elif keys[0] in SECTIONS:
-            _set(all_stages, keys, value)
+            _set(every_stage, keys, value)
         else:
             allowed = [*TOP_LEVEL[:2], *SECTIONS, *stage_names]
             raise ConfigError(f"override {item!r}: {_unknown(keys[0], allowed)}")
-    for name in stage_names:  # command-line values win over the stage entries in the file
-        per_stage[name] = _deep_merge(all_stages, per_stage.get(name, {}))
-    return shared, per_stage
+    return shared, every_stage, per_stage
+
+
+def _with_plugin_paths(stage: StageConfig, config_dir: Path | None) -> StageConfig:
+    """Make reward plugin files named relative to the config file absolute, so the resolved
+    config means the same from any working directory (other relative paths stay relative to it)."""
+    if config_dir is None:
+        return stage
+    for name, reward in stage.rewards.items():
+        target, sep, attr = (reward.fn or name).rpartition(":")
+        if sep and target.endswith(".py") and not Path(target).is_absolute() and (config_dir / target).is_file():
+            reward.fn = f"{config_dir / target}:{attr}"
+    return stage
 
 
 def _set(target: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -86,6 +86,17 @@ class Sample:
         return {"id": self.id, **{name: getattr(self, name) for name in GROUND_TRUTH_FIELDS}, **self.extra}
 
 
+def map_assistant_text(message: Message, fn: Callable[[str], str]) -> Message:
+    """``message`` with ``fn`` applied to its text when it is an assistant message (string content
+    or text parts); other messages are returned unchanged."""
+    if message["role"] != "assistant":
+        return message
+    if isinstance(message["content"], str):
+        return {**message, "content": fn(message["content"])}
+    parts = [{**p, "text": fn(p["text"])} if p.get("type") == "text" else p for p in message["content"]]
+    return {**message, "content": parts}
+
+
 class FieldProblems:
     """Collects ``(field, message)`` problems while one record is validated."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlreason.data.schema import Message
+from vlreason.data.schema import Message, map_assistant_text
 from vlreason.models.adapters import ChatStyle, FamilyAdapter, adapter_for
 from vlreason.models.tiny import TINY_PRESETS, TinySpec, tiny_config, tiny_tokenizer
 from vlreason.vision.boxes import Box
@@ -96,8 +97,10 @@ class VLM:
         """
         fitted = [self.prepare_images(row) for row in images]
         if convert_boxes:
-            conversations = [self._assistant_boxes_to_model(conv, infos) for conv, (_, infos) in
-                             zip(conversations, fitted, strict=True)]
+            conversations = [
+                [map_assistant_text(m, partial(self.adapter.text_boxes_to_model, info=infos[0])) for m in conv]
+                if infos else conv for conv, (_, infos) in zip(conversations, fitted, strict=True)
+            ]
         texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
         flat = [image for row, _ in fitted for image in row]
         inputs = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
@@ -112,20 +115,6 @@ class VLM:
             return None
         info = infos[0]
         return lambda values: self.adapter.from_model(values, info)
-
-    def _assistant_boxes_to_model(self, conversation: Sequence[Message], infos: list[ImageInfo]) -> list[Message]:
-        if not infos:
-            return list(conversation)
-        out = []
-        for message in conversation:
-            if message["role"] == "assistant" and isinstance(message["content"], str):
-                message = {**message, "content": self.adapter.text_boxes_to_model(message["content"], infos[0])}
-            elif message["role"] == "assistant":
-                parts = [{**p, "text": self.adapter.text_boxes_to_model(p["text"], infos[0])} if p.get("type") == "text"
-                         else p for p in message["content"]]
-                message = {**message, "content": parts}
-            out.append(message)
-        return out
 
     @torch.no_grad()
     def generate(self, inputs: BatchFeature, **kwargs: Any) -> torch.Tensor:

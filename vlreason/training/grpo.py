@@ -81,7 +81,7 @@ class GRPOTrainer:
         self.vlm = prepare_model(stage.model, stage.seed)
         self.model = self.vlm.model
         data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
-        rewards = {name: get_reward(spec.fn or name, stage.base_dir, **spec.options)
+        rewards = {name: get_reward(spec.fn or name, **spec.options)
                    for name, spec in stage.rewards.items()}
         check_columns(rewards, data.columns, stage.data.train)
         self.stream = PromptStream(data.samples[: stage.data.max_samples], stage.seed)

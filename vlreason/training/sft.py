@@ -27,7 +27,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from vlreason.config import StageConfig, final_checkpoint
 from vlreason.data.batch import load_sample_images
 from vlreason.data.jsonl import read_jsonl
-from vlreason.data.schema import Message, Sample
+from vlreason.data.schema import Message, Sample, map_assistant_text
 from vlreason.models.vlm import VLM
 from vlreason.training.checkpoints import checkpoint_step, latest_checkpoint
 from vlreason.training.metrics import MetricsLog
@@ -136,8 +136,7 @@ class SFTCollator:
         """With probability ``thought_dropout``, empty the ``<think>`` blocks of assistant turns."""
         if self.thought_dropout <= 0 or self.rng.random() >= self.thought_dropout:
             return messages
-        return [{**m, "content": _THINK.sub(EMPTY_THINK, m["content"])}
-                if m["role"] == "assistant" and isinstance(m["content"], str) else m for m in messages]
+        return [map_assistant_text(m, lambda text: _THINK.sub(EMPTY_THINK, text)) for m in messages]
 
 
 def assistant_labels(input_ids: torch.Tensor, im_start: int, header: Sequence[int], im_end: int) -> torch.Tensor:

@@ -1,0 +1,324 @@
+"""Rollout engines: sampling parameters, the HF engine (masking, seeding, greedy parity, suppression,
+top-p), the scripted engine and the engine registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from vlreason.models import TINY_PRESETS
+from vlreason.models.adapters import VISION_SPECIAL_TOKENS
+from vlreason.models.vlm import build_tiny_vlm
+from vlreason.registry import PluginError
+from vlreason.rollout import ENGINES, HFEngine, Rollouts, SamplingParams, ScriptedEngine, build_engine
+from vlreason.rollout.engine import finish
+from vlreason.rollout.hf import pick_tokens
+
+
+def ask(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def sharpened_vlm(preset: str):
+    """A tiny model whose language weights are scaled up, so its outputs depend on the input (at the
+    default initialisation every prompt greedily repeats one token)."""
+    vlm = build_tiny_vlm(preset, seed=0)
+    with torch.no_grad():
+        for name, param in vlm.model.named_parameters():
+            if "language_model" in name and "norm" not in name:
+                param.mul_(6.0)
+    vlm.model.eval()
+    return vlm
+
+
+def encode_two(vlm):
+    """Two prompts of different lengths (the first is left-padded)."""
+    images = [[Image.new("RGB", (64, 48), (200, 30, 30))], [Image.new("RGB", (90, 60), (0, 100, 0))]]
+    inputs, _ = vlm.encode([ask("q"), ask("where is the green square?")], images)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return sharpened_vlm("tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def inputs(vlm):
+    return encode_two(vlm)
+
+
+class CallHook:
+    """Forward hook on ``lm_head`` that edits the last-position logits of call k (call 0 is the prompt
+    pass, call k >= 1 feeds generated token k - 1, so call k decides generated token k)."""
+
+    def __init__(self, edit):
+        self.edit = edit
+        self.calls = 0
+
+    def __call__(self, module, args, output):
+        self.edit(self.calls, output[:, -1])
+        self.calls += 1
+        return output
+
+
+def with_hook(vlm, edit, run):
+    handle = vlm.model.lm_head.register_forward_hook(CallHook(edit))
+    try:
+        return run()
+    finally:
+        handle.remove()
+
+
+# ---- SamplingParams -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 0}, "must be >= 1"),
+    ({"max_new_tokens": 0}, "must be >= 1"),
+    ({"temperature": -0.1}, "temperature >= 0"),
+    ({"top_p": 0.0}, "0 < top_p <= 1"),
+    ({"top_p": 1.5}, "0 < top_p <= 1"),
+    ({"temperature": 0.0, "n": 2}, "greedy"),
+])
+def test_sampling_params_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accepts_greedy_single_and_is_frozen():
+    params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=1)
+    assert params.temperature == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.n = 3  # type: ignore[misc]
+
+
+# ---- finish -------------------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [" ".join(str(t) for t in row if t not in (0, 2)) for row in ids.tolist()]
+
+
+def test_finish_masks_through_first_eos_and_pads_after():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    rollouts = finish(ids, eos_id=2, pad_id=0, tokenizer=FakeTokenizer())
+    assert rollouts.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert rollouts.completion_ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert rollouts.truncated.tolist() == [False, True, False]
+    assert rollouts.lengths.tolist() == [2, 4, 1]
+    assert rollouts.texts == ["5", "5 6 7 8", ""]
+
+
+# ---- HFEngine -----------------------------------------------------------------------------------
+
+
+def check_rollouts(rollouts: Rollouts, rows: int, max_new_tokens: int, eos_id: int, pad_id: int, tokenizer):
+    ids, mask = rollouts.completion_ids, rollouts.completion_mask
+    assert ids.shape == mask.shape and ids.shape[0] == rows and ids.shape[1] <= max_new_tokens
+    for row in range(rows):
+        tokens = ids[row].tolist()
+        ends = [i for i, t in enumerate(tokens) if t == eos_id]
+        length = ends[0] + 1 if ends else len(tokens)
+        assert mask[row].tolist() == [1] * length + [0] * (len(tokens) - length)
+        assert tokens[length:] == [pad_id] * (len(tokens) - length)
+        assert bool(rollouts.truncated[row]) == (not ends)
+    assert rollouts.texts == tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def test_hf_engine_masks_after_eos_and_flags_truncation(vlm, inputs):
+    eos, pad = vlm.tokenizer.eos_token_id, vlm.tokenizer.pad_token_id
+    stops = {0: 2, 3: 4}  # row -> the step at which it is forced to write EOS; other rows never end
+
+    def edit(call, logits):
+        if call == 0:  # the prompt pass: rows are prompts, not yet repeated
+            logits[:, eos] = -1e9
+            return
+        for row in range(logits.shape[0]):
+            logits[row, eos] = 1e9 if stops.get(row) == call else -1e9
+
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=0)
+    rollouts = with_hook(vlm, edit, lambda: HFEngine(vlm).generate(inputs, params))
+    assert rollouts.completion_ids.shape == (6, 6)
+    check_rollouts(rollouts, 6, 6, eos, pad, vlm.tokenizer)
+    assert rollouts.lengths.tolist() == [3, 6, 6, 5, 6, 6]
+    assert rollouts.truncated.tolist() == [False, True, True, False, True, True]
+    assert rollouts.completion_ids[0, 2] == eos and (rollouts.completion_ids[0, 3:] == pad).all()
+    assert rollouts.completion_ids[3, 4] == eos and rollouts.completion_ids[3, 5] == pad
+
+
+def test_hf_engine_stops_early_when_every_row_ended(vlm, inputs):
+    eos = vlm.tokenizer.eos_token_id
+
+    def edit(call, logits):
+        if call == 1:
+            logits[:, eos] = 1e9
+
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=0)
+    rollouts = with_hook(vlm, edit, lambda: HFEngine(vlm).generate(inputs, params))
+    assert rollouts.completion_ids.shape == (4, 2)
+    assert (rollouts.completion_ids[:, 1] == eos).all()
+    assert rollouts.completion_mask.tolist() == [[1, 1]] * 4
+    assert not rollouts.truncated.any()
+
+
+def test_hf_engine_unconstrained_rollouts_are_consistent(vlm, inputs):
+    params = SamplingParams(n=4, temperature=1.5, max_new_tokens=8, seed=3)
+    rollouts = HFEngine(vlm).generate(inputs, params)
+    check_rollouts(rollouts, 8, 8, vlm.tokenizer.eos_token_id, vlm.tokenizer.pad_token_id, vlm.tokenizer)
+
+
+def test_hf_engine_same_seed_same_rollouts_other_seed_differs(vlm, inputs):
+    engine = HFEngine(vlm)
+    first = engine.generate(inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
+    again = engine.generate(inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
+    other = engine.generate(inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=12))
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.completion_mask, again.completion_mask)
+    assert first.texts == again.texts
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+    # the G samples of one prompt are not copies of each other
+    assert len({tuple(row) for row in first.completion_ids[:3].tolist()}) > 1
+
+
+@pytest.mark.parametrize("preset", list(TINY_PRESETS))
+def test_hf_engine_greedy_equals_vlm_generate(preset):
+    vlm = sharpened_vlm(preset)
+    inputs = encode_two(vlm)
+    steps = 7
+    rollouts = HFEngine(vlm).generate(inputs, SamplingParams(n=1, temperature=0.0, max_new_tokens=steps))
+    reference = vlm.generate(inputs, do_sample=False, max_new_tokens=steps)
+    assert torch.equal(rollouts.completion_ids, reference)
+    assert len(set(reference[0].tolist())) > 1  # not a degenerate repeated token
+    assert not torch.equal(reference[0], reference[1])  # the prompt matters
+
+
+def test_hf_engine_never_samples_vision_tokens(vlm, inputs):
+    vision_ids = torch.tensor(vlm.tokenizer.convert_tokens_to_ids(list(VISION_SPECIAL_TOKENS)))
+
+    def favour_vision(call, logits):
+        logits[:, vision_ids] += 50.0  # the model's overwhelming choice
+
+    engine = HFEngine(vlm)
+    assert sorted(engine.suppress.tolist()) == sorted(vision_ids.tolist())
+    params = SamplingParams(n=8, temperature=1.0, max_new_tokens=5, seed=0)
+    rollouts = with_hook(vlm, favour_vision, lambda: engine.generate(inputs, params))
+    assert rollouts.completion_ids.numel() == 16 * 5
+    assert not torch.isin(rollouts.completion_ids, vision_ids).any()
+
+    # control: without suppression the hook makes the first token a vision token every time
+    engine.suppress = torch.tensor([], dtype=torch.long)
+    one_step = SamplingParams(n=16, temperature=1.0, max_new_tokens=1, seed=0)
+    unsuppressed = with_hook(vlm, favour_vision, lambda: engine.generate(inputs, one_step))
+    assert torch.isin(unsuppressed.completion_ids, vision_ids).all()
+
+
+# ---- pick_tokens --------------------------------------------------------------------------------
+
+
+def test_pick_tokens_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, -1.0, 4.9]])
+    assert pick_tokens(logits, temperature=0.0, top_p=1.0).tolist() == [1, 0]
+
+
+def test_pick_tokens_small_top_p_keeps_only_the_argmax():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        picked = pick_tokens(logits, temperature=1.0, top_p=1e-3, generator=generator)
+        assert torch.equal(picked, logits.argmax(dim=-1))
+
+
+def test_pick_tokens_never_leaves_the_nucleus():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = probs.log().expand(4000, -1).clone()
+    picked = pick_tokens(logits, temperature=1.0, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(picked, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0  # mass before them (0.7, 0.9) already reaches 0.6
+    assert counts[0] > 0 and counts[1] > 0
+    assert counts[0] / 4000 == pytest.approx(0.4 / 0.7, abs=0.04)  # renormalised inside the nucleus
+    # top_p 1 samples from the whole distribution, with the right frequencies
+    full = pick_tokens(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(full, minlength=4).float() / 4000
+    torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
+
+
+def test_pick_tokens_temperature_sharpens():
+    logits = torch.tensor([[math.log(0.6), math.log(0.4)]]).expand(4000, -1)
+    cold = pick_tokens(logits, temperature=0.25, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    # softmax(log p / 0.25) = p^4 / sum: 0.6^4 / (0.6^4 + 0.4^4) ~ 0.835
+    assert (cold == 0).float().mean().item() == pytest.approx(0.6**4 / (0.6**4 + 0.4**4), abs=0.03)
+
+
+def test_pick_tokens_seeded_generator_reproduces():
+    logits = torch.randn(32, 100, generator=torch.Generator().manual_seed(0))
+    a = pick_tokens(logits, 1.0, 0.9, torch.Generator().manual_seed(5))
+    b = pick_tokens(logits, 1.0, 0.9, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+# ---- ScriptedEngine -----------------------------------------------------------------------------
+
+
+def test_scripted_engine_cycles_rows_and_calls(vlm, inputs):
+    engine = ScriptedEngine(vlm, ["alpha", "beta", "gamma"])
+    first = engine.generate(inputs, SamplingParams(n=2, max_new_tokens=32))  # 4 rows
+    assert first.texts == ["alpha", "beta", "gamma", "alpha"]
+    second = engine.generate(inputs, SamplingParams(n=1, max_new_tokens=32))  # 2 rows, cursor continues
+    assert second.texts == ["beta", "gamma"]
+    assert not first.truncated.any()
+
+
+def test_scripted_engine_ids_end_with_eos_and_round_trip(vlm, inputs):
+    tokenizer = vlm.tokenizer
+    texts = ["<think>a box</think><answer>[1, 2, 30, 40]</answer>", "short"]
+    rollouts = ScriptedEngine(vlm, texts).generate(inputs, SamplingParams(n=1, max_new_tokens=64))
+    assert rollouts.texts == texts
+    for row, text in enumerate(texts):
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        length = int(rollouts.lengths[row])
+        assert rollouts.completion_ids[row, :length].tolist() == expected
+        assert (rollouts.completion_ids[row, length:] == tokenizer.pad_token_id).all()
+    assert rollouts.completion_ids.shape[1] == max(rollouts.lengths.tolist())
+
+
+def test_scripted_engine_truncates_at_max_new_tokens(vlm, inputs):
+    long_text = "one two three four five six seven eight nine ten"
+    rollouts = ScriptedEngine(vlm, [long_text, "ok"]).generate(inputs, SamplingParams(n=1, max_new_tokens=4))
+    assert rollouts.completion_ids.shape == (2, 4)
+    assert rollouts.truncated.tolist() == [True, False]
+    assert rollouts.lengths.tolist()[0] == 4
+    assert vlm.tokenizer.eos_token_id not in rollouts.completion_ids[0].tolist()
+    assert long_text.startswith(rollouts.texts[0]) and rollouts.texts[0] != long_text
+    assert rollouts.texts[1] == "ok"
+
+
+def test_scripted_engine_needs_completions(vlm):
+    with pytest.raises(ValueError, match="at least one completion"):
+        ScriptedEngine(vlm, [])
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+
+def test_engine_registry_resolves_builtins(vlm, inputs):
+    assert ENGINES.resolve("hf") is HFEngine
+    assert ENGINES.resolve("scripted") is ScriptedEngine
+    assert {"hf", "scripted"} <= set(ENGINES.names())
+    engine = build_engine("scripted", vlm, completions=["x"])
+    assert isinstance(engine, ScriptedEngine)
+    assert engine.generate(inputs, SamplingParams(n=1)).texts == ["x", "x"]
+    assert isinstance(build_engine("hf", vlm), HFEngine)
+
+
+def test_engine_registry_unknown_name_suggests():
+    with pytest.raises(PluginError, match=r"unknown rollout engine 'hff'; did you mean hf\?") as info:
+        ENGINES.resolve("hff")
+    assert "scripted" in str(info.value)
+    with pytest.raises(PluginError, match="did you mean scripted"):
+        build_engine("scriptd", None)
