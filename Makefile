@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint bench tokenizer
+.PHONY: install test lint quickstart bench tokenizer
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+quickstart: $(STAMP)
+	$(BIN)/vlreason quickstart --out quickstart
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/reward_throughput.py --json benchmarks/results/reward_throughput.json
+	$(BIN)/python benchmarks/grpo_step_vs_trl.py --json benchmarks/results/grpo_step_vs_trl.json
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tiny_tokenizer.py

@@ -118,10 +118,10 @@ def _box_text(box: Box) -> str:
     return "[" + ", ".join(str(v) for v in _int_box(box)) + "]"
 
 
-def grounding(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any]]:
-    """One target shape and up to two distractors of other kinds."""
+def grounding(rng: random.Random, size: int, distractors: int = 2) -> tuple[list[Shape], dict[str, Any]]:
+    """One target shape and up to ``distractors`` shapes of other kinds."""
     colour, kind = _random_shape_name(rng)
-    boxes = place_boxes(rng, 1 + rng.randint(0, 2), size, max(8, size // 9), max(12, size * 5 // 14))
+    boxes = place_boxes(rng, 1 + rng.randint(0, distractors), size, max(8, size // 9), max(12, size * 5 // 14))
     target = Shape(colour, kind, boxes[0])
     shapes = [target, *_distractors(rng, boxes[1:], target.name)]
     record = {
@@ -133,10 +133,10 @@ def grounding(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any
     return shapes, record
 
 
-def counting(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any]]:
-    """Zero to five target shapes among up to three distractors."""
+def counting(rng: random.Random, size: int, distractors: int = 3) -> tuple[list[Shape], dict[str, Any]]:
+    """Zero to five target shapes among up to ``distractors`` shapes of other kinds."""
     colour, kind = _random_shape_name(rng)
-    n_target, n_other = rng.randint(0, 5), rng.randint(0, 3)
+    n_target, n_other = rng.randint(0, 5), rng.randint(0, distractors)
     boxes = place_boxes(rng, n_target + n_other, size, max(6, size // 12), max(10, size // 6))
     shapes = [Shape(colour, kind, box) for box in boxes[:n_target]]
     shapes += _distractors(rng, boxes[n_target:], f"{colour} {kind}")
@@ -150,8 +150,8 @@ def counting(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any]
     return shapes, record
 
 
-def classification(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any]]:
-    """A single shape; the class is its colour and kind."""
+def classification(rng: random.Random, size: int, distractors: int = 0) -> tuple[list[Shape], dict[str, Any]]:
+    """A single shape; the class is its colour and kind (``distractors`` is not used)."""
     colour, kind = _random_shape_name(rng)
     box = place_boxes(rng, 1, size, size // 4, size * 3 // 4)[0]
     corners = {"circle": "no corners", "square": "four corners", "triangle": "three corners"}[kind]
@@ -163,8 +163,8 @@ def classification(rng: random.Random, size: int) -> tuple[list[Shape], dict[str
     return [Shape(colour, kind, box)], record
 
 
-def detection(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any]]:
-    """One to four labelled shapes."""
+def detection(rng: random.Random, size: int, distractors: int = 0) -> tuple[list[Shape], dict[str, Any]]:
+    """One to four labelled shapes, all of which are targets (``distractors`` is not used)."""
     boxes = place_boxes(rng, rng.randint(1, 4), size, max(8, size // 8), max(12, size // 3))
     shapes = [Shape(*_random_shape_name(rng), box) for box in boxes]
     objects = ", ".join(f'{{"bbox_2d": {_box_text(s.box)}, "label": "{s.name}"}}' for s in shapes)
@@ -178,7 +178,7 @@ def detection(rng: random.Random, size: int) -> tuple[list[Shape], dict[str, Any
     return shapes, record
 
 
-TASKS: dict[str, Callable[[random.Random, int], tuple[list[Shape], dict[str, Any]]]] = {
+TASKS: dict[str, Callable[[random.Random, int, int], tuple[list[Shape], dict[str, Any]]]] = {
     "grounding": grounding,
     "counting": counting,
     "classification": classification,
@@ -187,23 +187,27 @@ TASKS: dict[str, Callable[[random.Random, int], tuple[list[Shape], dict[str, Any
 
 
 def synthesize(task: str, out_dir: str | Path, n: int, seed: int = 0, image_size: int = 112,
-               progress: bool = True) -> Path:
+               progress: bool = True, distractors: int | None = None) -> Path:
     """Write ``n`` samples of ``task`` to ``out_dir/<task>.jsonl`` with images in ``out_dir/images``.
+
+    ``distractors`` caps the shapes of other kinds drawn beside the targets (grounding: 2 by
+    default, counting: 3; the other tasks have none).
 
     Returns:
         The path of the JSONL file.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if n <= 0 or image_size < 48:
-        raise ValueError("need n >= 1 and image_size >= 48")
+    if n <= 0 or image_size < 48 or (distractors is not None and distractors < 0):
+        raise ValueError("need n >= 1, image_size >= 48 and distractors >= 0")
+    extra = {} if distractors is None else {"distractors": distractors}
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{task}:{seed}")
     jsonl = out / f"{task}.jsonl"
     with jsonl.open("w") as handle:
         for index in tqdm(range(n), desc=f"synth {task}", disable=not progress, unit="sample"):
-            shapes, record = TASKS[task](rng, image_size)
+            shapes, record = TASKS[task](rng, image_size, **extra)
             name = f"images/{task}_{seed}_{index:06d}.png"
             draw_scene(shapes, image_size, rng).save(out / name)
             handle.write(json.dumps({"id": f"{task}-{seed}-{index}", "images": [name], **record}) + "\n")

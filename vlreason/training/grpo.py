@@ -78,6 +78,7 @@ class GRPOTrainer:
     def __init__(self, stage: StageConfig):
         self.stage = stage
         self.out = Path(stage.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.vlm = prepare_model(stage.model, stage.seed)
         self.model = self.vlm.model
         data = read_jsonl(stage.data.train, stage.data.on_bad_sample)

@@ -1,0 +1,119 @@
+"""GRPO stage behaviour with a scripted engine: dynamic sampling, failure handling, masks, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlreason.config import load_config
+from vlreason.data.synth import synthesize
+from vlreason.rl import PolicyLoss
+from vlreason.rollout.scripted import ScriptedEngine
+from vlreason.training import TrainingStopped
+from vlreason.training import grpo as grpo_module
+from vlreason.training.grpo import GRPOTrainer
+
+GOOD = "<think>found it</think><answer>[0, 0, 56, 56]</answer>"
+BAD = "no answer"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize("grounding", tmp_path_factory.mktemp("data"), n=8, seed=2, image_size=56, progress=False)
+
+
+def trainer(tmp_path, data, completions=None, **sections) -> GRPOTrainer:
+    stage = {"kind": "grpo", "optim": {"learning_rate": 1e-2, "batch_size": 2, "max_steps": 3},
+             "rollout": {"num_generations": 2, "max_new_tokens": 40}, "rewards": {"format": {}},
+             "logging": {"tensorboard": False, "progress": False}, "save": {"every": 0}}
+    for key, value in sections.items():
+        stage[key] = {**stage.get(key, {}), **value}
+    raw = {"output_dir": str(tmp_path), "data": {"train": str(data)}, "stages": [stage]}
+    grpo = GRPOTrainer(load_config(None, raw=raw).stages[0])
+    if completions is not None:
+        grpo.sampler.engine = ScriptedEngine(grpo.vlm, completions)
+    return grpo
+
+
+def trainable(grpo: GRPOTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in grpo.model.named_parameters() if p.requires_grad}
+
+
+def test_dynamic_sampling_gives_up_with_the_reason(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD], algorithm={"dynamic_sampling": True, "max_refill_tries": 2})
+    with pytest.raises(TrainingStopped, match="dynamic sampling dropped all 6 groups of 3 prompt batch"):
+        grpo.step()
+
+
+def test_dynamic_sampling_keeps_groups_with_signal_and_refills(tmp_path, data):
+    # draw 1 (2 prompts): (GOOD, GOOD) flat, (GOOD, BAD) kept; draw 2 (the 1 missing prompt):
+    # (GOOD, GOOD) flat; draw 3: (GOOD, BAD) kept
+    grpo = trainer(tmp_path, data, [GOOD, GOOD, GOOD, BAD], algorithm={"dynamic_sampling": True})
+    values = grpo.step()
+    assert values["groups/kept"] == 2.0 and values["groups/draws"] == 3.0 and values["groups/sampled"] == 4.0
+    part_rewards = torch.cat([part.rewards for part in grpo.sampler.sample(
+        grpo.stream, 2, 0, dynamic=True, max_refills=4).parts])
+    assert sorted(part_rewards.tolist()) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_no_dynamic_sampling_trains_on_flat_groups_without_moving(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD])
+    before = trainable(grpo)
+    values = grpo.step()
+    assert values["advantages/abs_max"] == 0.0 and values["groups/kept"] == 2.0
+    assert all(torch.equal(before[n], p) for n, p in trainable(grpo).items())  # zero advantage, beta 0
+
+
+def test_rewards_move_the_policy_towards_the_better_completion(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD, BAD])
+    assert grpo.step()["advantages/abs_max"] > 0.5
+    assert any(not torch.equal(a, b) for a, b in zip(trainable(grpo).values(), trainable(
+        trainer(tmp_path / "fresh", data)).values(), strict=True))
+
+
+def test_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tmp_path, data, monkeypatch):
+    def nan_loss(logp, *args, **kwargs):
+        nan = logp.sum() * float("nan")
+        return PolicyLoss(loss=nan, clip_fraction=torch.tensor(0.0), kl=torch.tensor(0.0))
+
+    monkeypatch.setattr(grpo_module, "policy_loss", nan_loss)
+    grpo = trainer(tmp_path, data, [GOOD, BAD], optim={"max_bad_steps": 2, "max_steps": 5})
+    before = trainable(grpo)
+    values = grpo.step()
+    grpo.step_count += 1
+    assert values["skipped_updates"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in trainable(grpo).items())
+    with pytest.raises(TrainingStopped, match="2 updates in a row had a non-finite loss"):
+        grpo.step()
+    assert (tmp_path / "grpo" / "checkpoint-1" / "trainer_state.pt").is_file()
+
+
+def test_mask_truncated_leaves_cut_off_completions_out_of_the_loss(tmp_path, data):
+    long = "<think>" + "a " * 100 + "</think><answer>[0, 0, 5, 5]</answer>"
+    grpo = trainer(tmp_path, data, [long, BAD], algorithm={"mask_truncated": True}, rollout={"max_new_tokens": 8})
+    batch = grpo.sampler.sample(grpo.stream, 2, 0, dynamic=False, max_refills=0)
+    part = batch.parts[0]
+    assert part.rollouts.truncated.tolist() == [True, False, True, False]
+    mask = grpo._loss_mask(part)
+    assert mask[0].sum() == 0 and mask[2].sum() == 0 and mask[1].sum() == part.rollouts.completion_mask[1].sum()
+
+
+def test_lora_reference_is_the_base_model_without_a_copy(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD, BAD], model={"lora": {"enabled": True, "r": 4, "alpha": 8}},
+                   algorithm={"beta": 0.04})
+    assert grpo.reference is None
+    base = {n: p.detach().clone() for n, p in grpo.model.named_parameters() if "lora_" not in n}
+    assert all("lora_" in n for n in trainable(grpo))
+    first = grpo.step()
+    grpo.step_count += 1
+    second = grpo.step()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # adapters start at zero: policy == reference
+    assert second["kl"] > 0.0
+    assert all(torch.equal(base[n], p) for n, p in grpo.model.named_parameters() if "lora_" not in n)
+
+
+def test_several_updates_per_batch_use_stored_old_logprobs(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD, BAD], algorithm={"num_iterations": 3, "epsilon_low": 0.01,
+                                                          "epsilon_high": 0.01})
+    values = grpo.step()
+    assert values["clip_fraction"] > 0.0  # later updates see ratios away from 1, and lr 1e-2 moves far
