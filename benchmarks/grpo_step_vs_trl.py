@@ -31,6 +31,7 @@ from vlreason.config import load_config
 from vlreason.models.tiny import TinySpec
 from vlreason.models.vlm import build_tiny_vlm, save_vlm
 from vlreason.rewards import register_reward
+from vlreason.rewards.parsing import completion_text
 from vlreason.training.grpo import GRPOTrainer
 
 PROMPTS = 4
@@ -47,7 +48,8 @@ QUESTION = "Where is the shape? Answer with its bounding box [x1, y1, x2, y2]."
 @register_reward("bench_digit_share")
 def digit_share(completions, **kwargs):
     """Share of digits in the completion: cheap, deterministic and different between samples."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    texts = [completion_text(c) for c in completions]  # TRL passes chat messages, vlreason strings
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
 
 
 def main() -> None:
