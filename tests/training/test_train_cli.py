@@ -117,6 +117,8 @@ def test_resume_after_a_crash_continues_to_the_same_weights(tmp_path, data, unin
 
     records = [json.loads(line) for line in (grpo / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    rollout_steps = [json.loads(line)["step"] for line in (grpo / "rollouts.jsonl").read_text().splitlines()]
+    assert rollout_steps == sorted(rollout_steps) and len(rollout_steps) == 6 * 2 * 3
     resumed, straight = weights(grpo / "final"), weights(uninterrupted / "grpo" / "final")
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{key} differs after resume")

@@ -47,7 +47,7 @@ from vlreason.rl import combine_rewards, policy_loss
 from vlreason.rollout.engine import SamplingParams, build_engine
 from vlreason.training import TrainingStopped
 from vlreason.training.checkpoints import checkpoint_step, latest_checkpoint, prune_checkpoints
-from vlreason.training.metrics import MetricsLog, plot_curves, read_metrics
+from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics
 from vlreason.training.model_setup import prepare_model, save_final
 from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
 from vlreason.training.sft import StageResult
@@ -348,3 +348,4 @@ class GRPOTrainer:
         self.train_seconds = state["train_seconds"]
         torch.set_rng_state(state["torch_rng"])
         self.resumed_from = checkpoint_step(path)
+        keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from)

@@ -1,7 +1,7 @@
 """Per-step metrics: a ``metrics.jsonl`` line per logged step, TensorBoard scalars, and plots.
 
-On resume the log keeps the lines up to the checkpoint's step and drops later ones (they
-belong to the steps that are about to be run again), so the file always tells one history.
+On resume the logs keep the lines up to the checkpoint's step and drop later ones (they belong
+to the steps that are about to be run again), so each file always tells one history.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ class MetricsLog:
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        keep_steps_upto(self.path, resume_step if resume_step is not None else 0)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -53,6 +52,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_steps_upto(path: str | Path, step: int) -> None:
+    """Rewrite a per-step JSONL log without the records after ``step`` (they will be run again)."""
+    path = Path(path)
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], keys: Sequence[str], out: str | Path, title: str,

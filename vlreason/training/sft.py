@@ -93,6 +93,7 @@ def training_arguments(stage: StageConfig) -> TrainingArguments:
         seed=stage.seed,
         remove_unused_columns=False,  # the collator needs whole samples
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
