@@ -66,7 +66,7 @@ def test_synth_unknown_task_is_a_usage_error(tmp_path, capsys):
 def test_synth_too_small_image_exits_2(tmp_path, capsys):
     code, _, err = run(capsys, "data", "synth", "grounding", "--out", str(tmp_path), "--n", "2", "--image-size", "20")
     assert code == 2
-    assert "error: need n >= 1 and image_size >= 48" in err
+    assert "error: need n >= 1, image_size >= 48" in err
 
 
 def test_check_reports_bad_lines_as_file_line_field(tmp_path, data_dir, capsys):

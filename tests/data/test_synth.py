@@ -176,7 +176,7 @@ def test_unknown_task(tmp_path):
 
 @pytest.mark.parametrize(("n", "image_size"), [(5, 47), (5, 16), (0, 112), (-1, 112)])
 def test_too_small_image_or_no_samples(tmp_path, n, image_size):
-    with pytest.raises(ValueError, match="need n >= 1 and image_size >= 48"):
+    with pytest.raises(ValueError, match="need n >= 1, image_size >= 48"):
         synth("grounding", tmp_path, n=n, image_size=image_size)
     assert not (tmp_path / "grounding.jsonl").exists()
 
@@ -190,3 +190,18 @@ def test_tightness_check_rejects_a_box_one_pixel_off(synth_dir, delta):
     box = [v + d for v, d in zip(record["boxes"][0], delta, strict=True)]
     with pytest.raises(AssertionError):
         assert_tight(pixels(path, record), box, colour)
+
+
+def test_distractor_cap(tmp_path):
+    def colours_drawn(path):
+        pixels = set(Image.open(path).convert("RGB").getdata())
+        return sum(colour in pixels for colour in COLOURS.values())
+
+    alone = synthesize("grounding", tmp_path / "alone", n=20, seed=3, distractors=0, progress=False)
+    crowded = synthesize("grounding", tmp_path / "crowded", n=20, seed=3, progress=False)
+    counts = {name: [colours_drawn(p.parent / json.loads(line)["images"][0]) for line in p.read_text().splitlines()]
+              for name, p in (("alone", alone), ("crowded", crowded))}
+    assert counts["alone"] == [1] * 20
+    assert max(counts["crowded"]) > 1
+    with pytest.raises(ValueError, match="distractors >= 0"):
+        synthesize("grounding", tmp_path / "bad", n=2, distractors=-1, progress=False)
