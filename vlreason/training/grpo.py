@@ -167,10 +167,11 @@ class GRPOTrainer:
         loss_sum, clip_sum, kl_sum, entropy_sum = 0.0, 0.0, 0.0, 0.0
         for index, part in enumerate(batch.parts):
             logits = self._completion_logits(part, self.model)
-            logp = token_logprobs(logits, part.rollouts.completion_ids, self.stage.rollout.temperature)
-            mask = masks[index]
+            device = logits.device  # rollouts and masks live on the CPU; the model may not
+            logp = token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
+            mask = masks[index].to(device)
             result = policy_loss(
-                logp, old[index] if old else logp.detach(), part.advantages, mask,
+                logp, old[index] if old else logp.detach(), part.advantages.to(device), mask,
                 epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
                 aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
                 beta=algorithm.beta, ref_logp=ref[index] if ref else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -138,9 +138,7 @@ class GroupSampler:
         start = self.clock()
         prompt_inputs, infos = self.vlm.encode([s.prompt_messages for s in samples], images)
         # step 2: sample G completions per prompt
-        params = SamplingParams(n=g, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                                max_new_tokens=self.sampling.max_new_tokens, seed=seed)
-        rollouts = self.engine.generate(prompt_inputs, params)
+        rollouts = self.engine.generate(prompt_inputs, replace(self.sampling, n=g, seed=seed))
         out.generate_s += self.clock() - start
         # step 3: score every completion with every reward (boxes parsed into original pixels)
         start = self.clock()
