@@ -56,10 +56,10 @@ class QuickstartPlan:
     eval_samples: int = 200
     image_size: int = 112
     loose_margin: float = 0.25  # the annotator's boxes grow by this share of the box side, per side
-    sft_seconds: float = 240.0
+    sft_seconds: float = 330.0
     sft_learning_rate: float = 1e-3
     sft_batch_size: int = 32
-    grpo_seconds: float = 120.0
+    grpo_seconds: float = 75.0
     grpo_learning_rate: float = 3e-4
     grpo_batch_size: int = 8
     num_generations: int = 8

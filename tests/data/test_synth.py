@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from vlreason.data import check_jsonl, read_jsonl
-from vlreason.data.synth import COLOURS, SHAPES, TASKS, synthesize
+from vlreason.data.synth import COLOURS, SHAPES, TASKS, synthesize, where
 
 N = 48
 SHAPE_COLOURS = {tuple(rgb) for rgb in COLOURS.values()}
@@ -205,3 +205,22 @@ def test_distractor_cap(tmp_path):
     assert max(counts["crowded"]) > 1
     with pytest.raises(ValueError, match="distractors >= 0"):
         synthesize("grounding", tmp_path / "bad", n=2, distractors=-1, progress=False)
+
+
+@pytest.mark.parametrize(("box", "phrase"), [
+    ((0, 0, 20, 20), "upper left"),
+    ((46, 0, 66, 20), "upper center"),
+    ((90, 46, 110, 66), "middle right"),
+    ((46, 46, 66, 66), "center"),
+    ((46, 92, 66, 112), "lower center"),
+    ((92, 92, 112, 112), "lower right"),
+])
+def test_where_names_the_third_of_the_image_the_box_centre_falls_in(box, phrase):
+    assert where(box, 112) == phrase
+
+
+def test_grounding_thought_names_the_target_and_its_place(synth_dir):
+    for record in records(synth_dir / "grounding.jsonl"):
+        name = record["prompt"].removeprefix("Where is the ").split("?")[0]
+        thought = f"<think>The {name} is in the {where(record['boxes'][0], 112)} of the image.</think>"
+        assert record["response"].startswith(thought)

@@ -89,11 +89,11 @@ def _touch(a: Box, b: Box, gap: float = 2.0) -> bool:
 
 
 def where(box: Box, size: int) -> str:
-    """A coarse location phrase such as "upper left" or "center"."""
+    """A coarse location phrase: "upper left", "middle right", "lower center", ... or "center"."""
     cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
-    vertical = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else ""
-    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
-    return " ".join(w for w in (vertical, horizontal) if w) or "center"
+    vertical = "upper" if cy < 1 / 3 else "lower" if cy > 2 / 3 else "middle"
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
+    return "center" if (vertical, horizontal) == ("middle", "center") else f"{vertical} {horizontal}"
 
 
 def _random_shape_name(rng: random.Random) -> tuple[str, str]:
