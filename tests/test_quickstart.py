@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vlreason.quickstart import QuickstartPlan, format_report, loosen, run_quickstart
+from vlreason.quickstart import QuickstartPlan, clear_previous_run, format_report, loosen, run_quickstart
 
 TINY_PLAN = QuickstartPlan(
     train_samples=12, eval_samples=4, sft_seconds=2.0, sft_batch_size=4, grpo_seconds=2.0,
@@ -66,3 +66,17 @@ def test_format_report_has_a_row_per_model(quickstart_run):
     for name in ("base", "sft", "sft_more", "grpo"):
         assert f"| {name} |" in table
     assert "mean_iou" in table
+
+
+def test_a_folder_with_other_files_is_never_deleted(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        clear_previous_run(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_earlier_quickstart_output_is_replaced(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    clear_previous_run(tmp_path)
+    assert not tmp_path.exists()

@@ -70,8 +70,7 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, plan: QuickstartPlan = Qu
     """Run the whole comparison; returns (and writes to ``out_dir/report.json``) the report."""
     started = time.perf_counter()
     out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
+    clear_previous_run(out)
     data = make_data(out / "data", seed, plan)
     base = save_vlm(build_tiny_vlm(plan.preset, seed=seed), out / "runs" / "base")
     report: dict[str, Any] = {"base": _evaluate(base, data["eval"], plan)}
@@ -103,6 +102,20 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, plan: QuickstartPlan = Qu
                 "GRPO on the quickstart grounding task")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+OUTPUTS = frozenset({"data", "runs", "report.json", "reward_curve.png"})
+
+
+def clear_previous_run(out: Path) -> None:
+    """Delete an earlier quickstart's outputs in ``out``; refuse a folder holding anything else."""
+    if not out.exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+    if foreign:
+        raise FileExistsError(f"{out} holds files the quickstart did not write ({', '.join(foreign[:3])}); "
+                              "choose an empty or new --out folder")
+    shutil.rmtree(out)
 
 
 def make_data(out: Path, seed: int, plan: QuickstartPlan) -> dict[str, Path]:
