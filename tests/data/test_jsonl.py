@@ -138,6 +138,25 @@ def test_blank_lines_are_ignored_but_counted(write_jsonl):
     assert [(p.line, p.field) for p in data.skipped] == [(5, "count")]
 
 
+@pytest.mark.parametrize("lines", [[], ["", "  ", "\r"]], ids=["empty", "blank lines"])
+def test_file_without_samples_is_an_error_naming_it(write_jsonl, lines):
+    path = write_jsonl(lines)
+    for policy in ("error", "skip"):
+        with pytest.raises(ValueError) as info:
+            read_jsonl(path, on_bad_sample=policy)
+        assert str(info.value).startswith(f"{path}: no samples: the file is empty or holds only blank lines")
+    assert check_jsonl(path) == (0, [])
+
+
+def test_file_whose_every_line_is_skipped_is_an_error_naming_it(write_jsonl):
+    path = write_jsonl([{"prompt": "a", "count": -1}, "", "{broken"])
+    with pytest.raises(ValueError) as info:
+        read_jsonl(path, on_bad_sample="skip")
+    assert not isinstance(info.value, DataError)
+    assert str(info.value).startswith(f"{path}: no valid samples: all 2 non-blank line(s) have problems")
+    assert f"vlreason data check {path}" in str(info.value)
+
+
 def test_missing_data_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="data file not found"):
         read_jsonl(tmp_path / "nope.jsonl")
@@ -214,7 +233,7 @@ def test_read_jsonl_raises_data_error_listing_problems(bad_file):
     assert_problems_match(error.problems, bad_file)
     message = str(error)
     assert message.startswith(f"{len(EXPECTED)} problem(s) in the data")
-    assert "vlreason data check" in message and "on_bad_sample=skip" in message
+    assert "vlreason data check" in message and "set data.on_bad_sample=skip" in message  # the config key
     for problem in error.problems[:20]:
         assert f"  {problem}" in message
     assert f"... and {len(EXPECTED) - 20} more" in message

@@ -1,8 +1,10 @@
 """Read and check JSONL data files, reporting every problem as ``file:line: field: problem``.
 
 ``read_jsonl`` validates each line (structure, ground truth, that each image exists and its
-header gives a size, that boxes fit inside it). ``check_jsonl`` also decodes every image fully,
-so truncated files are caught before training rather than at step 500.
+header gives a size, that boxes fit inside it, that each video exists and is not empty) and
+refuses a file that yields no sample. ``check_jsonl`` also decodes every image fully and checks
+each video's container, so truncated or mislabelled files are caught before training rather than
+at step 500.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlreason.choices import Choice
-from vlreason.data.schema import GROUND_TRUTH_FIELDS, Sample, SizeReader, parse_sample
+from vlreason.data.schema import GROUND_TRUTH_FIELDS, Sample, SizeReader, VideoCheck, parse_sample
 from vlreason.vision.images import load_image, read_image_size
+from vlreason.vision.video import video_container_problem, video_file_problem
 
 logger = logging.getLogger(__name__)
 MAX_LOGGED_SKIPS = 10
+NO_SAMPLES = "no samples: the file is empty or holds only blank lines; write one JSON object (a sample) per line"
 
 
 class OnBadSample(Choice):
@@ -48,7 +52,7 @@ class DataError(ValueError):
         shown = "\n".join(f"  {p}" for p in problems[:limit])
         more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
         super().__init__(f"{len(problems)} problem(s) in the data; run `vlreason data check FILE` for all of "
-                         f"them, fix the lines or set on_bad_sample=skip:\n{shown}{more}")
+                         f"them, fix the lines or set data.on_bad_sample=skip:\n{shown}{more}")
 
 
 @dataclass
@@ -68,34 +72,51 @@ class DataFile:
             names.update(sample.extra)
         return names
 
+    @property
+    def video_sources(self) -> list[str]:
+        """``file:line`` of each sample with videos, for stages that cannot train on video to name them."""
+        return [sample.source for sample in self.samples if sample.videos]
+
 
 def read_jsonl(path: str | Path, on_bad_sample: OnBadSample | str = OnBadSample.ERROR) -> DataFile:
     """Read and validate a JSONL data file.
 
     Raises:
         DataError: listing every problem, when ``on_bad_sample`` is ``error`` and any line is bad.
+        ValueError: the file yields no sample (it is empty, or every line was skipped).
         FileNotFoundError: the file does not exist.
     """
     policy = OnBadSample(on_bad_sample)
-    samples, problems = _scan(Path(path), read_image_size)  # ImageLoadError is a ValueError
+    samples, problems = _scan(Path(path), read_image_size, video_file_problem)  # ImageLoadError is a ValueError
     if problems and policy is OnBadSample.ERROR:
         raise DataError(problems)
     if problems:
         _log_skips(Path(path), problems, len(samples))
+    if not samples:
+        raise ValueError(_no_samples_message(Path(path), problems))
     return DataFile(path=Path(path), samples=samples, skipped=problems)
 
 
 def check_jsonl(path: str | Path) -> tuple[int, list[DataProblem]]:
-    """Validate every line and fully decode every image.
+    """Validate every line, fully decode every image and check every video's container.
 
     Returns:
-        The number of valid samples and the list of all problems found.
+        The number of valid samples and the list of all problems found (a file without any
+        sample has neither; report it with ``NO_SAMPLES``).
     """
-    samples, problems = _scan(Path(path), lambda image: load_image(image).size)
+    samples, problems = _scan(Path(path), lambda image: load_image(image).size, video_container_problem)
     return len(samples), problems
 
 
-def _scan(path: Path, sizes: SizeReader) -> tuple[list[Sample], list[DataProblem]]:
+def _no_samples_message(path: Path, skipped: list[DataProblem]) -> str:
+    if not skipped:
+        return f"{path}: {NO_SAMPLES}"
+    lines = len({p.line for p in skipped})
+    return (f"{path}: no valid samples: all {lines} non-blank line(s) have problems and were skipped; "
+            f"run `vlreason data check {path}` to list them")
+
+
+def _scan(path: Path, sizes: SizeReader, video_problem: VideoCheck) -> tuple[list[Sample], list[DataProblem]]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     samples: list[Sample] = []
@@ -108,7 +129,7 @@ def _scan(path: Path, sizes: SizeReader) -> tuple[list[Sample], list[DataProblem
             if error:
                 problems.append(DataProblem(str(path), number, "line", error))
                 continue
-            sample, found = parse_sample(record, path.parent, f"{path}:{number}", sizes)
+            sample, found = parse_sample(record, path.parent, f"{path}:{number}", sizes, video_problem)
             problems.extend(DataProblem(str(path), number, name, message) for name, message in found)
             if sample is not None:
                 samples.append(sample)

@@ -8,10 +8,28 @@ A line holds the conversation, its media and its ground truth::
      "response": "<think>...</think><answer>[12, 30, 40, 58]</answer>",   # optional (SFT)
      "boxes": [[12, 30, 40, 58]], "labels": ["red triangle"]}
 
-Instead of ``prompt``/``response`` a line may give ``messages`` in chat form, with one
-``{"type": "image"}`` part per entry of ``images`` (and ``{"type": "video"}`` per video).
-``prompt`` puts the images first, then the text. An optional ``system`` string goes with
-``prompt``.
+Instead of ``prompt``/``response`` a line may give ``messages`` in chat form (``role``,
+``content``), with one ``{"type": "image"}`` part per entry of ``images`` (and
+``{"type": "video"}`` per video) where the media go. ``prompt`` puts the images, then the videos,
+before the text. An optional ``system`` string goes with ``prompt``.
+
+Media (a list, or one string):
+
+* ``images``: image files (paths relative to the JSONL file) or ``data:image/...;base64,`` URIs;
+  each must exist and have a readable header (``vlreason data check`` decodes it fully);
+* ``videos``: video files (paths relative to the JSONL file; no data URIs); each must exist and
+  be non-empty (``vlreason data check`` also checks the container, see ``vision.video``).
+
+Forms written for other tools are problems that show the accepted form, not silent extra
+columns or stray text:
+
+* media fields other than ``images``/``videos`` (``MEDIA_FIELD_ALIASES``: ``image``, ``img``,
+  ``image_path(s)``, ``image_file``, ``image_url``, ``video``, ``video_path``, ``video_file``,
+  ``video_url``, ``frames``);
+* LLaVA's ``conversations`` (``from``/``value``): write ``messages`` (``role``/``content``);
+* media markers in any text (``prompt``, ``response``, ``system``, messages): LLaVA's ``<image>``
+  and ``<video>``, and Qwen's vision tokens (``<|vision_start|>``, ``<|image_pad|>``, ...), which
+  the processor inserts itself.
 
 Ground-truth fields (all optional, validated when present):
 
@@ -22,7 +40,8 @@ Ground-truth fields (all optional, validated when present):
 * ``labels``: one class name per box; ``label``: a class name, or a list for multi-label;
 * ``count``: a non-negative integer.
 
-Any other field is an extra column, passed unchanged to reward functions by name.
+Any other field is an extra column, passed unchanged to reward functions by name; the names the
+reward scorer fills in itself (``RESERVED_COLUMNS``) are refused.
 Boxes written inside ``response`` text are in original-image pixels too.
 """
 
@@ -39,6 +58,7 @@ from vlreason.vision.boxes import Box, Size, as_box, box_problem
 
 Message = dict[str, Any]  # {"role": ..., "content": str | [{"type": "text"|"image"|"video", ...}]}
 SizeReader = Callable[[str], Size]  # (width, height) of an image, or ValueError with the reason
+VideoCheck = Callable[[str], str | None]  # what is wrong with a video file, or None
 
 GROUND_TRUTH_FIELDS = ("answer", "choices", "boxes", "labels", "label", "count")
 STRUCTURE_FIELDS = ("id", "messages", "prompt", "response", "system", "images", "videos")
@@ -46,6 +66,37 @@ STRUCTURE_FIELDS = ("id", "messages", "prompt", "response", "system", "images", 
 RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "pred_answer", "pred_think", "pred_boxes",
                     "image_sizes", "trainer_state")
 ROLES = ("system", "user", "assistant", "tool")
+# Qwen-VL's vision tokens: the processor writes them around image and video pixels; never text
+# (data is refused with them, sampling suppresses them)
+VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+# Fields other formats use for media. Any unknown field is an extra column, so without this a
+# LLaVA line {"image": "x.png", ...} would train text-only and still pass as valid.
+IMAGES_FORM = '"images": ["x.png"] (a list; paths relative to the JSONL file)'
+VIDEOS_FORM = '"videos": ["clip.mp4"] (a list; paths relative to the JSONL file)'
+MEDIA_FIELD_ALIASES = {
+    **dict.fromkeys(("image", "img", "image_path", "image_paths", "image_file", "image_url"), IMAGES_FORM),
+    **dict.fromkeys(("video", "video_path", "video_file", "video_url", "frames"), VIDEOS_FORM),
+}
+CONVERSATIONS_PROBLEM = ('vlreason reads a chat from "messages": [{"role": "user", "content": "..."}, '
+                         '{"role": "assistant", "content": "..."}]; LLaVA\'s "from": "human"/"gpt" become '
+                         '"role": "user"/"assistant" and "value" becomes "content"')
+
+# Media markers other formats write into text. vlreason places media itself, so a LLaVA
+# placeholder would reach the model as plain text, and a Qwen vision token in the text would not
+# match the image tokens the processor inserts for the pixels it is given.
+_LLAVA_PLACEHOLDER = "is a LLaVA placeholder, which would reach the model as plain text"
+_QWEN_VISION_TOKEN = ("is a Qwen vision token, which the processor inserts itself; one in the text breaks the "
+                      "image-token count")
+TEXT_MEDIA_MARKERS = {
+    "<image>": _LLAVA_PLACEHOLDER,
+    "<video>": _LLAVA_PLACEHOLDER,
+    **dict.fromkeys(VISION_SPECIAL_TOKENS, _QWEN_VISION_TOKEN),
+}
+PROMPT_MEDIA_HINT = ('with "prompt", the images in "images" (and videos in "videos") are put before the text '
+                     "automatically, so delete it")
+MESSAGES_MEDIA_HINT = ('with "messages", write a {"type": "image"} part where each image goes ({"type": "video"} '
+                       'for a video), e.g. "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]')
 
 
 @dataclass
@@ -107,7 +158,8 @@ class FieldProblems:
         self.items.append((name, message))
 
 
-def parse_sample(record: Any, base_dir: Path, source: str, sizes: SizeReader) -> tuple[Sample | None, list]:
+def parse_sample(record: Any, base_dir: Path, source: str, sizes: SizeReader,
+                 video_problem: VideoCheck) -> tuple[Sample | None, list]:
     """Validate one decoded JSON record.
 
     Args:
@@ -115,6 +167,7 @@ def parse_sample(record: Any, base_dir: Path, source: str, sizes: SizeReader) ->
         base_dir: folder that relative media paths are resolved against.
         source: ``file:line`` for the sample's id and messages.
         sizes: reads an image's ``(width, height)``; raises ``ValueError`` with a reason.
+        video_problem: what is wrong with a video file (by absolute path), or None.
 
     Returns:
         The sample (None when any problem was found) and the ``(field, message)`` problems.
@@ -126,9 +179,11 @@ def parse_sample(record: Any, base_dir: Path, source: str, sizes: SizeReader) ->
     for name in RESERVED_COLUMNS:
         if name in record:
             problems.add(name, "this name is reserved for what the reward scorer computes; rename the field")
+    _check_foreign_fields(record, problems)
     images = _media_list(record, "images", base_dir, problems)
     videos = _media_list(record, "videos", base_dir, problems)
     image_sizes = _image_sizes(images, sizes, problems)
+    _check_videos(videos, video_problem, problems)
     messages = _messages(record, len(images), len(videos), problems)
     truth = _ground_truth(record, image_sizes[0] if image_sizes else None, bool(images), problems)
     if problems.items:
@@ -140,12 +195,22 @@ def parse_sample(record: Any, base_dir: Path, source: str, sizes: SizeReader) ->
     return sample, []
 
 
+def _check_foreign_fields(record: dict, problems: FieldProblems) -> None:
+    """Media and chat fields of other formats, each a problem showing vlreason's form."""
+    for name in record:
+        if name in MEDIA_FIELD_ALIASES:
+            problems.add(name, f"vlreason reads media from {MEDIA_FIELD_ALIASES[name]}")
+        elif name == "conversations":
+            problems.add(name, CONVERSATIONS_PROBLEM)
+
+
 def _media_list(record: dict, name: str, base_dir: Path, problems: FieldProblems) -> list[str]:
     value = record.get(name, [])
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        problems.add(name, "must be a list of file paths (relative to the JSONL file) or data URIs")
+        uris = " or data URIs" if name == "images" else ""
+        problems.add(name, f"must be a list of file paths (relative to the JSONL file){uris}")
         return []
     return [v if v.startswith("data:") else str((base_dir / v).resolve()) for v in value]
 
@@ -160,11 +225,22 @@ def _image_sizes(images: list[str], sizes: SizeReader, problems: FieldProblems) 
     return found
 
 
+def _check_videos(videos: list[str], video_problem: VideoCheck, problems: FieldProblems) -> None:
+    for index, video in enumerate(videos):
+        if video.startswith("data:"):
+            problem = "a video must be a file path (relative to the JSONL file), not a data URI"
+        else:
+            problem = video_problem(video)
+        if problem:
+            problems.add(f"videos[{index}]", problem)
+
+
 def _messages(record: dict, n_images: int, n_videos: int, problems: FieldProblems) -> list[Message]:
     has_messages, has_prompt = "messages" in record, "prompt" in record
     if has_messages == has_prompt:
-        problems.add("messages", "give either 'messages' or 'prompt' (with an optional 'response'), not "
-                     + ("both" if has_messages else "neither"))
+        if has_messages or "conversations" not in record:  # a LLaVA chat has its own problem
+            problems.add("messages", "give either 'messages' or 'prompt' (with an optional 'response'), not "
+                         + ("both" if has_messages else "neither"))
         return []
     if has_prompt:
         return _messages_from_prompt(record, n_images, n_videos, problems)
@@ -189,6 +265,9 @@ def _messages_from_prompt(record: dict, n_images: int, n_videos: int, problems: 
     if not isinstance(record["prompt"], str) or not record["prompt"].strip():
         problems.add("prompt", "must be a non-empty string")
         return []
+    for name in ("system", "prompt", "response"):
+        if isinstance(record.get(name), str):
+            _check_text(record[name], name, PROMPT_MEDIA_HINT, problems)
     media = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
     messages: list[Message] = []
     if isinstance(record.get("system"), str):
@@ -205,6 +284,7 @@ def _check_message(message: Any, where: str, counts: dict[str, int], problems: F
         return
     content = message.get("content")
     if isinstance(content, str):
+        _check_text(content, f"{where}.content", MESSAGES_MEDIA_HINT, problems)
         return
     if not isinstance(content, list):
         problems.add(f"{where}.content", "must be a string or a list of parts")
@@ -216,6 +296,15 @@ def _check_message(message: Any, where: str, counts: dict[str, int], problems: F
         elif kind != "text" or not isinstance(part.get("text"), str):
             problems.add(f"{where}.content[{index}]", "must be {'type': 'text', 'text': str}, "
                          "{'type': 'image'} or {'type': 'video'}")
+        else:
+            _check_text(part["text"], f"{where}.content[{index}]", MESSAGES_MEDIA_HINT, problems)
+
+
+def _check_text(text: str, where: str, hint: str, problems: FieldProblems) -> None:
+    """One problem per media marker of another format found in ``text``; ``hint`` gives the accepted form."""
+    for marker, why in TEXT_MEDIA_MARKERS.items():
+        if marker in text:
+            problems.add(where, f'"{marker}" {why}; {hint}')
 
 
 def _ground_truth(record: dict, image_size: Size | None, has_image: bool, problems: FieldProblems) -> dict:

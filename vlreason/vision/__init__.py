@@ -1,1 +1,1 @@
-"""Media handling: safe image loading, the resize policy and box geometry."""
+"""Media handling: safe image loading, the resize policy, box geometry and video file checks."""
