@@ -69,6 +69,38 @@ def test_extract_think(text: str, expected: str | None) -> None:
     assert extract_think(text) == expected
 
 
+def test_template_opened_think_closes_it_in_the_completion() -> None:
+    # Qwen3-VL thinking: the chat template writes <think>, so the completion holds only </think>.
+    # The reasoning is what precedes it and the answer what follows; its numbers are no box.
+    text = "The cat spans [1, 2, 3, 4] or so.\n</think>\n\n[10, 20, 30, 40]"
+    parsed = parse_completion(text, None, (100, 100))
+    assert parsed.think == "The cat spans [1, 2, 3, 4] or so."
+    assert parsed.answer == "[10, 20, 30, 40]"
+    assert [b.box for b in parsed.boxes] == [(10.0, 20.0, 30.0, 40.0)]
+    # an <answer> block still wins over the text after </think>
+    assert extract_answer("reasoning</think>prose <answer>7</answer>") == "7"
+    assert extract_answer("only reasoning [1, 2, 3, 4]</think>") is None
+
+
+def test_truncated_completion_without_closed_answer_has_no_answer() -> None:
+    # cut off at max_new_tokens: the junk is not an answer, and nothing in it is a box
+    junk = parse_completion("', 1, 1, 1,,,, one one", None, (100, 100), truncated=True)
+    assert junk.answer is None and junk.boxes == []
+    # a cut-off completion whose answer was closed keeps it
+    closed = parse_completion("<think>r</think><answer>[1, 2, 3, 4]</answer> and then", None, (100, 100),
+                              truncated=True)
+    assert closed.answer == "[1, 2, 3, 4]" and closed.think == "r"
+    # the same text that ended with end-of-sequence is a complete bare answer
+    assert parse_completion("', 1, 1, 1,,,, one one", None, (100, 100)).answer == "', 1, 1, 1,,,, one one"
+
+
+def test_parsed_columns_use_truncation_flags() -> None:
+    completions = ["[1, 2, 3, 4]", "[1, 2, 3, 4]"]
+    columns = parsed_columns(completions, [[(10, 10)], [(10, 10)]], truncated=[True, False])
+    assert columns["pred_answer"] == [None, "[1, 2, 3, 4]"]
+    assert [[b.box for b in row] for row in columns["pred_boxes"]] == [[], [(1.0, 2.0, 3.0, 4.0)]]
+
+
 # --------------------------------------------------------------------------- raw boxes
 
 
@@ -105,6 +137,44 @@ def test_find_boxes_forms(answer: str, expected: list) -> None:
     assert [(tuple(c), label, conf) for c, label, conf in got] == [
         (tuple(float(v) for v in c), label, conf) for c, label, conf in expected
     ]
+
+
+CAT_DOG = '[{"bbox_2d": [10, 20, 30, 40], "label": "cat"}, {"bbox_2d": [50, 60, 70, 80], "label": "dog"}]'
+CAT_DOG_BOXES = [((10.0, 20.0, 30.0, 40.0), "cat", None), ((50.0, 60.0, 70.0, 80.0), "dog", None)]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        f"Here are the objects:\n```json\n{CAT_DOG}\n```",  # prose before the fence
+        f"```json\n{CAT_DOG}\n```\nBoth are [clearly] visible.",  # prose (with brackets) after it
+        f"I found:\n```json\n{CAT_DOG}",  # the fence is cut off: no closing ```
+        f"```\n{CAT_DOG}\n```",  # a fence without a language tag
+        f"The objects are {CAT_DOG}, as requested.",  # JSON inside prose, no fence
+        f"{CAT_DOG[:-1]}, {{\"bbox_2d\": [5, 6,",  # the list is cut off inside its third object
+        f"```json\n{CAT_DOG[:-1]}, {{\"bbox_2d\": [5, 6, 7, 8], \"lab",  # a cut-off list in a cut-off fence
+        f"```json\n{CAT_DOG[:-1]},\n```",  # the list is never closed, then the fence is
+        '{"objects": [{"bbox_2d": [10, 20, 30, 40], "label": "cat"}, '  # complete objects inside a cut-off object
+        '{"bbox_2d": [50, 60, 70, 80], "label": "dog"}, {"bbox_2d": [1',
+    ],
+)
+def test_labelled_boxes_survive_prose_fences_and_truncation(answer: str) -> None:
+    assert find_boxes(answer) == CAT_DOG_BOXES
+
+
+def test_truncated_python_literal_list_keeps_labels() -> None:
+    answer = "[{'Position': [1, 2, 3, 4], 'Label': \"cat's toy\"}, {'Position': [5, 6, 7, 8], 'Label': 'd}og'}, {'Posi"
+    assert find_boxes(answer) == [((1.0, 2.0, 3.0, 4.0), "cat's toy", None), ((5.0, 6.0, 7.0, 8.0), "d}og", None)]
+
+
+def test_fenced_detection_answer_scores_full_map() -> None:
+    # before: the fence with prose around it failed to parse, the quadruple fallback kept boxes
+    # without labels, and the labelled ground truth matched nothing (0.0)
+    text = f"<think>two animals</think><answer>Sure!\n```json\n{CAT_DOG}\n```\nDone.</answer>"
+    columns = parsed_columns([text], [[(100, 100)]])
+    columns |= {"boxes": [[[10, 20, 30, 40], [50, 60, 70, 80]]], "labels": [["cat", "dog"]]}
+    table = RewardScorer({"map": get_reward("detection_map")})([text], columns)
+    assert table.column("map").tolist() == pytest.approx([1.0])
 
 
 def test_qwen2_label_is_the_reference_right_before_the_box() -> None:
@@ -252,6 +322,26 @@ def _parse_whitespace_run() -> None:
     assert parse_completion("x" + " \n" * 45_000 + "x", None, (100, 100)).boxes == []
 
 
+def _parse_broken_structures() -> None:
+    # cut-off lists, fences and objects at the 100k-character limit: each is scanned a bounded
+    # number of times, never once per bracket
+    texts = [
+        "```json\n" + '[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, ' * 3_000,  # many complete objects
+        "[" + "{" * 100_000,  # objects opened, never closed
+        "x [" + "{'a': '" * 30_000,  # Python strings never closed
+        "```" * 40_000,  # fences without content
+        "[" + "{}" * 50_000,  # many empty objects
+        "say [" * 25_000 + "]",  # one huge span of prose between brackets
+        "{" + '"\\' * 40_000,  # escapes inside an unclosed string
+    ]
+    for text in texts:
+        assert len(parse_completion(text, None, (100, 100)).boxes) <= MAX_BOXES
+
+
+def test_broken_structures_parse_in_linear_time(finishes) -> None:
+    finishes(_parse_broken_structures)
+
+
 def test_long_digit_run_parses_in_linear_time(finishes) -> None:
     finishes(_parse_digit_run)
 
@@ -287,8 +377,8 @@ def boxy_text(draw) -> str:
     """Text holding boxes in the supported syntaxes, with arbitrary (possibly invalid) numbers."""
     quads = draw(st.lists(QUAD, min_size=1, max_size=4))
     confidence = draw(NUMBERS)
-    style = draw(st.sampled_from(["json", "python", "qwen2", "prose", "fenced"]))
-    if style == "json":
+    style = draw(st.sampled_from(["json", "python", "qwen2", "prose", "fenced", "cut"]))
+    if style in ("json", "cut"):
         body = "[" + ", ".join(f'{{"bbox_2d": [{", ".join(q)}], "label": "x", "confidence": {confidence}}}'
                                for q in quads) + "]"
     elif style == "python":
@@ -300,6 +390,8 @@ def boxy_text(draw) -> str:
         body = " and ".join(f"[{', '.join(q)}]" for q in quads)
     else:
         body = "```json\n" + json.dumps([{"bbox_2d": [float(v) for v in q]} for q in quads]) + "\n```"
+    if style == "cut":  # a list cut off anywhere, as a completion at the token limit is
+        body = body[:draw(st.integers(0, len(body)))]
     prefix, suffix = draw(BUILT), draw(BUILT)
     return draw(st.sampled_from([f"<think>{prefix}</think><answer>{body}</answer>{suffix}", body,
                                  f"<answer>{body}</answer>", f"{prefix}{body}{suffix}"]))
@@ -323,11 +415,12 @@ def assert_well_formed(parsed, size: tuple[int, int]) -> None:
 
 
 @PROPERTY
-@given(text=ANY_TEXT, size=SIZES, relative=st.booleans())
-def test_parsing_never_raises_and_boxes_are_valid(text: str, size: tuple[int, int], relative: bool) -> None:
-    parsed = parse_completion(text, relative_1000(size) if relative else None, size)
+@given(text=ANY_TEXT, size=SIZES, relative=st.booleans(), truncated=st.booleans())
+def test_parsing_never_raises_and_boxes_are_valid(text: str, size: tuple[int, int], relative: bool,
+                                                  truncated: bool) -> None:
+    parsed = parse_completion(text, relative_1000(size) if relative else None, size, truncated)
     assert_well_formed(parsed, size)
-    extract_answer(text)
+    extract_answer(text, truncated)
     extract_think(text)
     find_boxes(text)
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from vlreason.rewards import OnRewardError, RewardError, RewardScorer, get_reward, parsed_columns
+from vlreason.rewards.scoring import MAX_ABS_SCORE
 
 COMPLETIONS = ["<think>a</think><answer>good</answer>", "<answer>bad</answer>", "<think>c</think><answer>fine</answer>"]
 IDS = ["s0", "s1", "s2"]
@@ -95,6 +99,12 @@ def test_on_error_values() -> None:
     assert RewardScorer({"f": answer_length}, on_error="skip").on_error is OnRewardError.SKIP
     with pytest.raises(ValueError):
         RewardScorer({"f": answer_length}, on_error="ignore")
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1.0])
+def test_timeout_must_be_positive(timeout_s) -> None:
+    with pytest.raises(ValueError, match="timeout_s must be positive"):
+        RewardScorer({"f": answer_length}, timeout_s=timeout_s)
 
 
 def test_column_length_mismatch() -> None:
@@ -215,22 +225,165 @@ def test_malformed_score_is_a_failure(reward) -> None:
         table_of({"r": reward}, id=IDS)
 
 
-def test_wrong_number_of_scores_is_a_failure_on_every_sample() -> None:
-    table = table_of({"r": one_too_many, "length": answer_length}, on_error="skip")
-    assert same(table.column("r"), [np.nan] * 3)
-    assert same(table.column("length"), [4, 3, 4])
-    assert table.failures == {"r": 3, "length": 0}
-    with pytest.raises(RewardError, match=r"'r' failed on sample 0.*2 scores for 1 completions"):
-        table_of({"r": one_too_many})
+def one_score(completions, **columns):
+    return [1.0]
 
 
-def test_non_list_output_is_a_failure() -> None:
-    def scalar(completions, **columns):
-        return 1.0
+def scalar(completions, **columns):
+    return 1.0
 
-    table = table_of({"r": scalar}, on_error="skip")
-    assert same(table.column("r"), [np.nan] * 3)
-    assert table.failures == {"r": 3}
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize(("reward", "message"), [
+    # one value for N completions: a single-sample re-run would pass, so it must not be tried
+    (one_score, r"reward 'r' returned 1 scores for 3 completions; expected a list of 3"),
+    (one_too_many, r"reward 'r' returned 4 scores for 3 completions; expected a list of 3"),
+    (scalar, r"reward 'r' returned float 1.0; expected a list of 3"),
+], ids=["one_for_n", "one_too_many", "scalar"])
+def test_batch_of_the_wrong_length_or_type_is_the_rewards_bug(reward, message, on_error) -> None:
+    with pytest.raises(RewardError, match=message):
+        table_of({"r": reward, "length": answer_length}, on_error=on_error)
+
+
+def test_async_batch_of_the_wrong_length_raises() -> None:
+    async def async_one_score(completions, **columns):
+        return [1.0]
+
+    with pytest.raises(RewardError, match=r"reward 'r' returned 1 scores for 3 completions"):
+        table_of({"r": async_one_score}, on_error="skip")
+
+
+def test_wrong_length_on_the_per_sample_rerun_raises() -> None:
+    def fails_then_two(completions, **columns):
+        if len(completions) > 1:
+            raise RuntimeError("no batches")
+        return [1.0, 1.0]
+
+    with pytest.raises(RewardError, match=r"reward 'r' returned 2 scores for 1 completions"):
+        table_of({"r": fails_then_two}, on_error="skip")
+
+
+# ---------------------------------------------------------------------------- extreme scores
+
+
+@pytest.mark.parametrize("extreme", [1e308, -1e308, 2e6, 10**400], ids=["1e308", "-1e308", "2e6", "huge_int"])
+def test_extreme_score_is_a_failure(extreme, caplog: pytest.LogCaptureFixture) -> None:
+    def extreme_on_bad(completions, pred_answer, **columns):
+        return [extreme if a == "bad" else 1.0 for a in pred_answer]
+
+    with caplog.at_level(logging.WARNING):
+        table = table_of({"r": extreme_on_bad, "length": answer_length}, on_error="skip")
+    assert same(table.values, [[1, 4], [np.nan, 3], [1, 4]])
+    assert table.failures == {"r": 1, "length": 0}
+    assert "scale the reward down" in caplog.text
+    with pytest.raises(RewardError, match=r"'r' failed on sample 1 \(id 's1'\).*1e\+06.*scale the reward down"):
+        table_of({"r": extreme_on_bad}, id=IDS)
+
+
+def test_scores_at_the_bound_pass() -> None:
+    def at_bound(completions, **columns):
+        return [MAX_ABS_SCORE, -MAX_ABS_SCORE, 0.0]
+
+    assert same(table_of({"r": at_bound}).column("r"), [MAX_ABS_SCORE, -MAX_ABS_SCORE, 0.0])
+
+
+# ---------------------------------------------------------------------------- hanging and exiting rewards
+
+
+def test_sync_reward_that_never_returns_times_out(caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+    calls = []
+
+    def hangs(completions, **columns):
+        calls.append(len(completions))
+        release.wait(30)  # "never" for the test; released at the end so the helper thread ends
+        return [1.0] * len(completions)
+
+    try:
+        start = time.perf_counter()
+        with caplog.at_level(logging.WARNING):
+            table = RewardScorer({"hangs": hangs, "length": answer_length}, on_error="skip", timeout_s=0.2)(
+                COMPLETIONS, columns_for(COMPLETIONS))
+        assert time.perf_counter() - start < 5
+        assert same(table.values, [[np.nan, 4], [np.nan, 3], [np.nan, 4]])
+        assert table.failures == {"hangs": 3, "length": 0}
+        assert calls == [3]  # no per-sample retry after a timeout
+        assert "did not return within 0.2 s" in caplog.text
+        with pytest.raises(RewardError, match=r"reward 'hangs' did not return within 0.2 s; raise "
+                                              r"algorithm.reward_timeout_s or fix the reward"):
+            RewardScorer({"hangs": hangs}, on_error="raise", timeout_s=0.2)(COMPLETIONS, columns_for(COMPLETIONS))
+    finally:
+        release.set()
+
+
+def test_async_reward_that_never_returns_times_out() -> None:
+    calls = []
+
+    async def hangs(completions, **columns):
+        calls.append(len(completions))
+        await asyncio.sleep(3600)
+        return [1.0] * len(completions)
+
+    start = time.perf_counter()
+    table = RewardScorer({"hangs": hangs, "length": answer_length}, on_error="skip", timeout_s=0.2)(
+        COMPLETIONS, columns_for(COMPLETIONS))
+    assert time.perf_counter() - start < 5
+    assert same(table.column("hangs"), [np.nan] * 3)
+    assert table.failures == {"hangs": 3, "length": 0}
+    assert calls == [3]
+    with pytest.raises(RewardError, match=r"reward 'hangs' did not return within 0.2 s"):
+        RewardScorer({"hangs": hangs}, on_error="raise", timeout_s=0.2)(COMPLETIONS, columns_for(COMPLETIONS))
+
+
+def test_reward_raising_timeout_error_itself_is_an_ordinary_failure() -> None:
+    async def network_timeout_on_bad(completions, pred_answer, **columns):
+        if "bad" in pred_answer:
+            raise TimeoutError("judge did not answer")
+        return [1.0] * len(completions)
+
+    table = RewardScorer({"judge": network_timeout_on_bad}, on_error="skip", timeout_s=5)(
+        COMPLETIONS, columns_for(COMPLETIONS))
+    assert same(table.column("judge"), [1.0, np.nan, 1.0])  # isolated to its sample, not a timeout
+    assert table.failures == {"judge": 1}
+
+
+def test_timeout_leaves_fast_rewards_alone() -> None:
+    async def async_length(completions, pred_answer, **columns):
+        return [float(len(a)) for a in pred_answer]
+
+    table = RewardScorer({"length": answer_length, "async": async_length, "picky": fails_on_bad},
+                         on_error="skip", timeout_s=5)(COMPLETIONS, columns_for(COMPLETIONS))
+    assert same(table.values, [[4, 4, 1], [3, 3, np.nan], [4, 4, 1]])
+    assert table.failures == {"length": 0, "async": 0, "picky": 1}
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_sys_exit_in_a_reward_is_that_rewards_failure(is_async: bool, timeout_s) -> None:
+    def exits_on_bad(completions, pred_answer, **columns):
+        if "bad" in pred_answer:
+            sys.exit(3)
+        return [1.0] * len(completions)
+
+    async def async_exits_on_bad(completions, pred_answer, **columns):
+        return exits_on_bad(completions, pred_answer)
+
+    reward = async_exits_on_bad if is_async else exits_on_bad
+    table = RewardScorer({"r": reward, "length": answer_length}, on_error="skip", timeout_s=timeout_s)(
+        COMPLETIONS, columns_for(COMPLETIONS))
+    assert same(table.values, [[1, 4], [np.nan, 3], [1, 4]])
+    assert table.failures == {"r": 1, "length": 0}
+    with pytest.raises(RewardError, match=r"reward 'r' called sys.exit\(3\) on sample 1 \(id 's1'\)"):
+        RewardScorer({"r": reward}, timeout_s=timeout_s)(COMPLETIONS, columns_for(COMPLETIONS, id=IDS))
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_keyboard_interrupt_in_a_reward_propagates(timeout_s) -> None:
+    def interrupted(completions, **columns):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        RewardScorer({"r": interrupted}, on_error="skip", timeout_s=timeout_s)(COMPLETIONS, columns_for(COMPLETIONS))
 
 
 def test_batch_failure_without_single_sample_failure() -> None:

@@ -11,12 +11,15 @@ import torch
 from PIL import Image
 
 from vlreason.models import TINY_PRESETS
-from vlreason.models.adapters import VISION_SPECIAL_TOKENS
+from vlreason.models.adapters import QWEN2_VL, TEXT_SPECIAL_TOKENS, VISION_SPECIAL_TOKENS
+from vlreason.models.tiny import tiny_tokenizer
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.registry import PluginError
+from vlreason.rewards import PredBox, parsed_columns
 from vlreason.rollout import ENGINES, HFEngine, Rollouts, SamplingParams, ScriptedEngine, build_engine
 from vlreason.rollout.engine import finish
 from vlreason.rollout.hf import pick_tokens
+from vlreason.vision.images import ImageInfo
 
 
 def ask(question: str) -> list[dict]:
@@ -100,19 +103,47 @@ def test_sampling_params_accepts_greedy_single_and_is_frozen():
 # ---- finish -------------------------------------------------------------------------------------
 
 
-class FakeTokenizer:
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return [" ".join(str(t) for t in row if t not in (0, 2)) for row in ids.tolist()]
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
 
 
-def test_finish_masks_through_first_eos_and_pads_after():
-    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
-    rollouts = finish(ids, eos_id=2, pad_id=0, tokenizer=FakeTokenizer())
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_finish_masks_through_first_eos_and_pads_after(tokenizer):
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    a, b, c, d = token_ids(tokenizer, "abcd")
+    ids = torch.tensor([[a, eos, c, eos], [a, b, c, d], [eos, d, d, d]])
+    rollouts = finish(ids, eos_id=eos, pad_id=pad, tokenizer=tokenizer)
     assert rollouts.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert rollouts.completion_ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert rollouts.completion_ids.tolist() == [[a, eos, pad, pad], [a, b, c, d], [eos, pad, pad, pad]]
     assert rollouts.truncated.tolist() == [False, True, False]
     assert rollouts.lengths.tolist() == [2, 4, 1]
-    assert rollouts.texts == ["5", "5 6 7 8", ""]
+    assert rollouts.texts == ["a", "abcd", ""]
+
+
+def test_qwen2_vl_box_output_reaches_the_rewards(tokenizer):
+    # Qwen2-VL's native grounding output, written with its special tokens; a stray chat and a
+    # vision token in the middle carry no meaning and are dropped, as are EOS and padding
+    answer = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,200),(500,1000)<|box_end|>"
+    ids = token_ids(tokenizer, "<|im_start|>" + answer + "<|vision_end|><|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>"
+    rows = torch.tensor([ids + [tokenizer.pad_token_id] * 2])
+    rollouts = finish(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer)
+    assert rollouts.texts == [answer]
+    info = ImageInfo(original_size=(640, 480), input_size=(644, 476))
+    columns = parsed_columns(rollouts.texts, [[info.original_size]], [lambda c: QWEN2_VL.from_model(c, info)],
+                             rollouts.truncated.tolist())
+    # relative 0..1000 -> pixels: 100*.64, 200*.48, 500*.64, 1000*.48
+    assert columns["pred_boxes"] == [[PredBox((64.0, 96.0, 320.0, 480.0), "cat", None)]]
+
+
+def test_finish_keeps_quad_tokens(tokenizer):
+    text = "<|quad_start|>(1,2),(3,4),(5,6),(7,8)<|quad_end|>"
+    rows = torch.tensor([token_ids(tokenizer, text + tokenizer.eos_token)])
+    assert finish(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer).texts == [text]
 
 
 # ---- HFEngine -----------------------------------------------------------------------------------
@@ -128,7 +159,9 @@ def check_rollouts(rollouts: Rollouts, rows: int, max_new_tokens: int, eos_id: i
         assert mask[row].tolist() == [1] * length + [0] * (len(tokens) - length)
         assert tokens[length:] == [pad_id] * (len(tokens) - length)
         assert bool(rollouts.truncated[row]) == (not ends)
-    assert rollouts.texts == tokenizer.batch_decode(ids, skip_special_tokens=True)
+    dropped = {i for i, token in tokenizer.added_tokens_decoder.items()
+               if token.special and token.content not in TEXT_SPECIAL_TOKENS}
+    assert rollouts.texts == tokenizer.batch_decode([[t for t in row if t not in dropped] for row in ids.tolist()])
 
 
 def test_hf_engine_masks_after_eos_and_flags_truncation(vlm, inputs):

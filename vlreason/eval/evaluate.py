@@ -1,10 +1,16 @@
 """Evaluate a model on a data file: greedy decoding, then the metrics the data's ground truth
-supports, computed with the same reward functions GRPO trains on (so "IoU" means one thing).
+supports. Per-sample metrics are the reward functions GRPO trains on, averaged (so "IoU" means
+one thing); detection mAP is a data-set metric, computed once over all samples.
 
 Which metrics apply is read from the columns: one box per sample -> ``mean_iou`` and
-``iou@0.5``; boxes with labels -> ``map`` / ``map50``; ``choices`` -> ``choice_accuracy``;
-numeric ``answer`` -> ``accuracy`` (exact match); ``label`` -> ``accuracy`` (class).
-``format_rate`` (the ``<think>..</think><answer>..</answer>`` template) is always reported.
+``iou@0.5``; several boxes or labels -> ``map`` / ``map50`` / ``map75`` (COCO AP computed once
+over the whole data set by pycocotools, labels as categories when the data has them; the
+mean of per-sample APs is a different number) and ``box_f1`` (mean
+``multi_box_iou``); ``choices`` -> ``choice_accuracy``; numeric ``answer`` -> ``accuracy``
+(exact match); ``label`` -> ``accuracy`` (class). ``format_rate`` (the
+``<think>..</think><answer>..</answer>`` template) is always reported.
+
+A completion cut off at ``max_new_tokens`` before it closed its ``</answer>`` has no answer.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from vlreason.data.jsonl import read_jsonl
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM
 from vlreason.rewards.api import get_reward
+from vlreason.rewards.detection import coco_map
+from vlreason.rewards.parsing import PredBox
 from vlreason.rewards.scoring import OnRewardError, RewardScorer, dataset_columns, parsed_columns
 from vlreason.rollout.engine import SamplingParams
 from vlreason.rollout.hf import HFEngine
@@ -39,16 +47,14 @@ class EvalReport:
 
 
 def task_metrics(samples: Sequence[Sample]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Metric name -> (reward name, options) for what the samples' ground truth supports."""
+    """Per-sample metrics the samples' ground truth supports: metric name -> (reward name, options).
+    Detection data also gets the data-set metrics of ``detection_metrics``."""
     metrics: dict[str, tuple[str, dict[str, Any]]] = {"format_rate": ("format", {})}
-    with_boxes = [s for s in samples if s.boxes]
-    if with_boxes and all(len(s.boxes) == 1 and not s.labels for s in with_boxes):
+    if is_detection(samples):
+        metrics["box_f1"] = ("multi_box_iou", {})
+    elif any(s.boxes for s in samples):
         metrics["mean_iou"] = ("iou", {})
         metrics["iou@0.5"] = ("iou", {"threshold": 0.5})
-    elif with_boxes:
-        metrics["map"] = ("detection_map", {"metric": "ap"})
-        metrics["map50"] = ("detection_map", {"metric": "ap50"})
-        metrics["box_f1"] = ("multi_box_iou", {})
     if any(s.choices for s in samples):
         metrics["choice_accuracy"] = ("choice", {})
     elif any(s.answer is not None for s in samples) and all(_is_number(s.answer) for s in samples if s.answer):
@@ -56,6 +62,21 @@ def task_metrics(samples: Sequence[Sample]) -> dict[str, tuple[str, dict[str, An
     if any(s.label is not None for s in samples):
         metrics["accuracy"] = ("classification", {})
     return metrics
+
+
+def is_detection(samples: Sequence[Sample]) -> bool:
+    """Whether the samples' boxes are a detection task (several boxes or labels somewhere), not
+    single-box grounding."""
+    return any(s.boxes and (len(s.boxes) > 1 or s.labels) for s in samples)
+
+
+def detection_metrics(samples: Sequence[Sample], pred_boxes: Sequence[Sequence[PredBox]]) -> dict[str, float | None]:
+    """``map``, ``map50`` and ``map75``: COCO AP over every sample with a ``boxes`` field at once
+    (pycocotools), with ``labels`` as categories when the data has them."""
+    scored = [(sample, preds) for sample, preds in zip(samples, pred_boxes, strict=True) if sample.boxes is not None]
+    labels = [s.labels for s, _ in scored] if any(s.labels for s, _ in scored) else None
+    result = coco_map([preds for _, preds in scored], [s.boxes for s, _ in scored], labels)
+    return {"map": _finite(result["ap"]), "map50": _finite(result["ap50"]), "map75": _finite(result["ap75"])}
 
 
 @torch.no_grad()
@@ -84,13 +105,16 @@ def evaluate(vlm: VLM, data_path: str | Path, batch_size: int = 32, max_new_toke
 
 def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str], decoders: Sequence[Any],
                       truncated: Sequence[bool]) -> EvalReport:
-    """Metrics of given completions (one per sample)."""
+    """Metrics of given completions (one per sample; ``truncated``: which hit the token limit)."""
     spec = task_metrics(samples)
     rewards = {name: get_reward(reward, **options) for name, (reward, options) in spec.items()}
     names = sorted({c for s in samples for c in s.columns()})
-    columns = dataset_columns(samples, names) | parsed_columns(texts, [s.image_sizes for s in samples], decoders)
+    columns = dataset_columns(samples, names) | parsed_columns(texts, [s.image_sizes for s in samples], decoders,
+                                                                truncated)
     table = RewardScorer(rewards, OnRewardError.SKIP)(list(texts), columns)
     metrics = {name: _nanmean(table.column(name)) for name in spec}
+    if is_detection(samples):
+        metrics |= detection_metrics(samples, columns["pred_boxes"])
     metrics["truncated_rate"] = float(np.mean(truncated)) if truncated else 0.0
     metrics["samples"] = len(samples)
     predictions = [{"id": s.id, "completion": text, **{n: _finite(v) for n, v in zip(table.names, row, strict=True)}}

@@ -7,7 +7,8 @@ An adapter owns everything that differs between model families and nothing else:
 * the box convention and the two conversions at the model boundary (``to_model`` when a box is
   shown to the model, ``from_model`` when a box is parsed from its output);
 * the vision patch geometry (and so the resize policy), ``mm_token_type_ids``, the tokens to
-  suppress while sampling, and LoRA target modules for the language model only.
+  suppress while sampling, the special tokens that carry meaning in output text (kept when a
+  completion is decoded), and LoRA target modules for the language model only.
 
 Nothing outside ``vlreason.models`` knows a model's box convention: rewards, tools and metrics
 see only original-image pixels.
@@ -23,13 +24,18 @@ from typing import Any
 import torch
 
 from vlreason.choices import Choice
-from vlreason.data.schema import Message
+from vlreason.data.schema import VISION_SPECIAL_TOKENS, Message
 from vlreason.vision.boxes import Box
 from vlreason.vision.images import ImageInfo, ResizePolicy
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
-VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Special tokens that carry meaning in a completion's text: Qwen-VL grounds a phrase as
+# <|object_ref_start|>cat<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|> (a quadrilateral
+# between the quad tokens), and the reward parser reads them. Decoding keeps these and drops every
+# other special token: padding, end-of-sequence, chat and vision tokens.
+TEXT_SPECIAL_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+                       "<|quad_start|>", "<|quad_end|>")
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _TEXT_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
@@ -191,6 +197,14 @@ QWEN2_VL = FamilyAdapter("qwen2-vl", "qwen2_vl", 14, 2, BoxConvention.RELATIVE_1
 QWEN2_5_VL = FamilyAdapter("qwen2.5-vl", "qwen2_5_vl", 14, 2, BoxConvention.INPUT_PIXELS, ChatStyle.QWEN2)
 QWEN3_VL = FamilyAdapter("qwen3-vl", "qwen3_vl", 16, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN3)
 ADAPTERS = {adapter.model_type: adapter for adapter in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
+
+
+def silent_special_ids(tokenizer: Any) -> list[int]:
+    """Ids of the special tokens that carry no meaning in a completion's text (every special
+    token but ``TEXT_SPECIAL_TOKENS``): decoding drops them."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return sorted(special - set(tokenizer.convert_tokens_to_ids(list(TEXT_SPECIAL_TOKENS))))
 
 
 def adapter_for(model_type: str) -> FamilyAdapter:

@@ -13,7 +13,6 @@ import ast
 import json
 import math
 import re
-import string
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +28,9 @@ _QWEN2_BOX = re.compile(  # the label is the reference right before the box, nev
     rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*<\|box_end\|>",
     re.S,
 )
+_FENCE = "```"
+_OPENER = re.compile(r"[\[{]")
+_STRUCTURE_CHARS = re.compile(r"""\\.|["'{}]""", re.S)  # an escape pair is one match, so \" never ends a string
 BOX_KEYS = ("bbox_2d", "bbox", "box", "position", "bbox_xyxy")
 LABEL_KEYS = ("label", "name", "class", "category")
 CONFIDENCE_KEYS = ("confidence", "score", "conf")
@@ -66,32 +68,50 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, truncated: bool = False) -> str | None:
     """The answer of a completion.
 
     The content of the last ``<answer>...</answer>`` when there is one; otherwise the text after
-    a closed ``</think>`` block, or the whole text when there are no tags (a bare answer).
-    None when the answer is empty, or cut off (an unclosed ``<answer>`` or ``<think>``).
+    the last ``</think>`` (whether the completion or the chat template opened the block: Qwen3-VL's
+    thinking template writes ``<think>`` itself), or the whole text when there are no tags (a
+    bare answer).
+
+    Args:
+        text: the completion.
+        truncated: the completion hit the token limit; without a closed ``</answer>`` whatever
+            it wrote last is cut-off text, not an answer.
+
+    Returns:
+        None when the answer is empty or cut off: an unclosed ``<answer>`` or ``<think>``, or a
+        truncated completion without ``</answer>``.
     """
     end = text.rfind("</answer>")
     if end >= 0:
         start = text.rfind("<answer>", 0, end)
         answer = text[start + len("<answer>"):end] if start >= 0 else ""
-    elif "<answer>" in text:
+    elif truncated or "<answer>" in text:
         return None
+    elif "</think>" in text:
+        answer = text.rpartition("</think>")[2]
     elif "<think>" in text:
-        _, closed, tail = text.rpartition("</think>")
-        answer = tail if closed else ""
+        return None
     else:
         answer = text
     return answer.strip() or None
 
 
 def extract_think(text: str) -> str | None:
-    """The content of the first closed ``<think>`` block (possibly empty), or None."""
+    """The content of the first closed ``<think>`` block (possibly empty), or None.
+
+    A completion with a ``</think>`` but no ``<think>`` continues a block the chat template
+    opened: its reasoning is the text before the first ``</think>``.
+    """
     start = text.find("<think>")
+    if start < 0:
+        end = text.find("</think>")
+        return text[:end].strip() if end >= 0 else None
     end = text.find("</think>", start)
-    if start < 0 or end < 0:
+    if end < 0:
         return None
     return text[start + len("<think>"):end].strip()
 
@@ -101,7 +121,8 @@ def find_boxes(answer: str) -> list[tuple[tuple[float, float, float, float], str
 
     Understood forms, tried in order: JSON or Python-literal structures (``[x1, y1, x2, y2]``,
     lists of them, objects with ``bbox_2d``/``bbox``/``position`` plus ``label`` and
-    ``confidence``); Qwen2-VL's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``; any bracketed
+    ``confidence``), inside a markdown code fence or prose, or cut off mid-list (see
+    ``_parse_structure``); Qwen2-VL's ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``; any bracketed
     quadruple of numbers in the text.
     """
     answer = answer[:MAX_PARSE_CHARS]
@@ -117,30 +138,72 @@ def find_boxes(answer: str) -> list[tuple[tuple[float, float, float, float], str
     return [(tuple(float(v) for v in quad), None, None) for quad in _QUAD.findall(answer)[:MAX_BOXES]]
 
 
-def _strip_fence(text: str) -> str:
-    """Remove a markdown code fence (```json ... ```) around ``text``."""
-    text = text.strip()
-    if not (text.startswith("```") and text.endswith("```") and len(text) >= 6):
-        return text
-    body = text[3:-3]
-    tag = len(body) - len(body.lstrip(string.ascii_letters))  # a language tag such as "json"
-    if tag and tag < len(body) and body[tag].isspace():
-        body = body[tag:]
-    return body.strip()
-
-
 def _parse_structure(answer: str) -> Any:
-    text = _strip_fence(answer)
-    if not text or text[0] not in "[{":
+    """The JSON or Python-literal structure of an answer, or None.
+
+    It is looked for inside the first markdown code fence (closed or cut off) when there is one,
+    else in the whole answer, from the first ``[`` or ``{`` to the last ``]`` or ``}``: prose
+    around it is ignored. When that span does not parse (typically a list cut off mid-way), the
+    complete ``{...}`` objects written so far are kept.
+    """
+    text = _fenced(answer)
+    opener = _OPENER.search(text)
+    if opener is None:
         return None
+    start = opener.start()
+    end = max(text.rfind("]"), text.rfind("}")) + 1
+    whole = _literal(text[start:end]) if end > start else None
+    if whole is not None:
+        return whole
+    return _complete_objects(text[start:]) or None
+
+
+def _fenced(text: str) -> str:
+    """The content of the first markdown code fence of ``text`` (to the end when the fence is
+    never closed), or ``text`` itself when it has none. A language tag such as ``json`` stays:
+    the structure is looked for from its first bracket."""
+    start = text.find(_FENCE)
+    if start < 0:
+        return text
+    end = text.find(_FENCE, start + len(_FENCE))
+    return text[start + len(_FENCE):end if end >= 0 else len(text)]
+
+
+def _literal(text: str) -> Any:
+    """``text`` parsed as JSON, else as a Python literal (Visual-RFT style:
+    ``[{'Position': [...], 'Confidence': 0.9}]``), else None."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
         pass
     try:
-        return ast.literal_eval(text)  # Visual-RFT style: [{'Position': [...], 'Confidence': 0.9}]
+        return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
+
+
+def _complete_objects(text: str) -> list[Any]:
+    """The outermost complete ``{...}`` objects of ``text`` that parse, in order: what a list cut
+    off mid-way holds. One pass over the brackets and quotes (JSON or Python strings, escapes
+    skipped), so a quote or brace inside a label does not end an object."""
+    spans: list[tuple[int, int]] = []
+    opened: list[int] = []
+    quote = None
+    for match in _STRUCTURE_CHARS.finditer(text):
+        char = match.group()
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in ('"', "'"):
+            quote = char
+        elif char == "{":
+            opened.append(match.start())
+        elif char == "}" and opened:
+            start = opened.pop()
+            while spans and spans[-1][0] > start:  # objects nested in this one are part of it
+                spans.pop()
+            spans.append((start, match.end()))
+    objects = (_literal(text[start:end]) for start, end in spans)
+    return [obj for obj in objects if obj is not None]
 
 
 def _walk(node: Any, depth: int = 0) -> Any:
@@ -205,15 +268,17 @@ def to_canonical(raw: tuple[tuple[float, ...], str | None, float | None], decode
     return PredBox(box=box, label=label, confidence=confidence)
 
 
-def parse_completion(text: str, decode: BoxDecoder | None = None, size: Size | None = None) -> Parsed:
+def parse_completion(text: str, decode: BoxDecoder | None = None, size: Size | None = None,
+                     truncated: bool = False) -> Parsed:
     """Answer, reasoning and canonical boxes of one completion text.
 
     Args:
         text: the completion.
         decode: the model family's ``from_model`` for this sample's image (None: already canonical).
         size: ``(width, height)`` of the original image, to clamp boxes to.
+        truncated: the completion hit the token limit (see ``extract_answer``).
     """
-    answer = extract_answer(text)
+    answer = extract_answer(text, truncated)
     raws = find_boxes(answer) if answer else []
     boxes = [box for box in (to_canonical(raw, decode, size) for raw in raws) if box is not None]
     return Parsed(answer=answer, think=extract_think(text), boxes=boxes)

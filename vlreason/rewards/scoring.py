@@ -1,11 +1,18 @@
 """Score N completions with R rewards into an N x R table, robust to failing plugins.
 
 The scorer parses each completion once (answer, reasoning, canonical boxes) and hands the
-results to every reward as extra columns. Each reward's output is checked: one finite number
-or ``None`` per completion. When a reward raises or returns something malformed, it is called
-again sample by sample to find which samples fail; then ``on_error=raise`` stops with the
-reward's name and the sample, and ``on_error=skip`` scores those samples ``None``, counts them
-and logs them, so one bad plugin call cannot end a training run.
+results to every reward as extra columns. Each reward's output is checked: a list of one score
+per completion, each a finite number within ``MAX_ABS_SCORE`` or ``None``.
+
+* A reward that answers a batch with the wrong number of scores, or with something that is not
+  a list, has a bug that no sample explains: the scorer raises ``RewardError`` whatever
+  ``on_error`` says.
+* When a reward raises (``sys.exit`` included) or returns a bad score, it is called again sample
+  by sample to find which samples fail; then ``on_error=raise`` stops with the reward's name and
+  the sample, and ``on_error=skip`` scores those samples ``None``, counts them and logs them, so
+  one bad plugin call cannot end a training run.
+* A reward that does not return within ``timeout_s`` scores its whole batch ``None`` (counted and
+  logged) under ``skip`` and raises under ``raise``; it is not retried sample by sample.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ import asyncio
 import inspect
 import logging
 import math
+import reprlib
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -28,6 +36,14 @@ from vlreason.rewards.parsing import BoxDecoder, completion_text, parse_completi
 from vlreason.vision.boxes import Size
 
 logger = logging.getLogger(__name__)
+
+# Rewards are weighted, summed and normalised in float32: magnitudes far beyond any sensible
+# reward overflow to inf there (1e308 makes the total NaN and the loss 0) or drown every other
+# reward, so a larger score is a failure like NaN.
+MAX_ABS_SCORE = 1e6
+# What a reward's failure may be; KeyboardInterrupt (and the like) stops the run instead.
+_FAILURES = (Exception, SystemExit)
+_TIMED_OUT = object()  # the outcome of a reward call that did not return within the timeout
 
 
 class OnRewardError(Choice):
@@ -43,6 +59,7 @@ def parsed_columns(
     completions: Sequence[Any],
     image_sizes: Sequence[Sequence[Size]],
     decoders: Sequence[BoxDecoder | None] | None = None,
+    truncated: Sequence[bool] | None = None,
 ) -> dict[str, list[Any]]:
     """The columns the scorer adds for every reward.
 
@@ -51,14 +68,18 @@ def parsed_columns(
         image_sizes: per completion, the original ``(width, height)`` of each image.
         decoders: per completion, the family's ``from_model`` for its first image (boxes refer
             to the first image); None when completions are already in original pixels.
+        truncated: per completion, whether it hit the token limit (``Rollouts.truncated``); a
+            cut-off completion without a closed ``</answer>`` has no answer. None: all complete
+            (reference responses).
 
     Returns:
         ``pred_answer``, ``pred_think``, ``pred_boxes`` and ``image_sizes``, each a list of N.
     """
     decoders = decoders or [None] * len(completions)
+    truncated = [False] * len(completions) if truncated is None else truncated
     parsed = [
-        parse_completion(completion_text(c), decode, sizes[0] if sizes else None)
-        for c, decode, sizes in zip(completions, decoders, image_sizes, strict=True)
+        parse_completion(completion_text(c), decode, sizes[0] if sizes else None, bool(cut))
+        for c, decode, sizes, cut in zip(completions, decoders, image_sizes, truncated, strict=True)
     ]
     return {
         "pred_answer": [p.answer for p in parsed],
@@ -89,13 +110,26 @@ class RewardTable:
 
 
 class RewardScorer:
-    """Calls a fixed set of named rewards on batches of completions."""
+    """Calls a fixed set of named rewards on batches of completions.
 
-    def __init__(self, rewards: Mapping[str, RewardFn], on_error: OnRewardError | str = OnRewardError.RAISE):
+    Args:
+        rewards: name -> reward function (sync or async).
+        on_error: what a reward's failure on some samples does (see ``OnRewardError``).
+        timeout_s: seconds one reward call may take; None waits for ever. With a timeout a sync
+            reward runs in a daemon helper thread (it cannot be stopped: one that never returns
+            is left behind, and does not keep the process alive) and an async one is cancelled
+            (at an ``await``: an async reward that blocks the event loop cannot be).
+    """
+
+    def __init__(self, rewards: Mapping[str, RewardFn], on_error: OnRewardError | str = OnRewardError.RAISE,
+                 timeout_s: float | None = None):
         if not rewards:
             raise ValueError("no rewards to score with; name at least one")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive seconds or None (no limit), got {timeout_s}")
         self.rewards = dict(rewards)
         self.on_error = OnRewardError(on_error)
+        self.timeout_s = timeout_s
 
     def __call__(self, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> RewardTable:
         """Score completions.
@@ -103,6 +137,10 @@ class RewardScorer:
         Args:
             completions: N completions.
             columns: dataset columns and ``parsed_columns`` output, each a list of N values.
+
+        Raises:
+            RewardError: a reward returned a batch of the wrong length or type, or failed (or
+                timed out) under ``on_error=raise``.
         """
         n = len(completions)
         for name, values in columns.items():
@@ -118,28 +156,25 @@ class RewardScorer:
         return RewardTable(names=list(self.rewards), values=table, failures=failures)
 
     def _call_all(self, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
-        """Each reward's raw output or exception; async rewards run concurrently."""
-        outcomes: dict[str, Any] = {}
-        pending: dict[str, Awaitable[Any]] = {}
-        for name, fn in self.rewards.items():
-            try:
-                result = fn(list(completions), **columns)
-            except Exception as exc:
-                outcomes[name] = exc
-                continue
-            if inspect.isawaitable(result):
-                pending[name] = result
-            outcomes[name] = result
-        for name, result in zip(pending, run_awaitables(list(pending.values())), strict=True):
-            outcomes[name] = result
+        """Each reward's outcome (see ``_call_within``); async rewards run concurrently."""
+        outcomes = {name: _call_within(fn, list(completions), columns, self.timeout_s)
+                    for name, fn in self.rewards.items()}
+        pending = {name: outcome for name, outcome in outcomes.items() if inspect.isawaitable(outcome)}
+        outcomes.update(zip(pending, run_awaitables(list(pending.values()), self.timeout_s), strict=True))
         return outcomes
 
     def _checked(self, name: str, outcome: Any, completions: Sequence[Any],
                  columns: Mapping[str, Sequence[Any]]) -> tuple[list[Score], int]:
-        problem = outcome if isinstance(outcome, Exception) else _output_problem(outcome, len(completions))
-        if problem is None:
-            return [None if s is None else float(s) for s in outcome], 0
-        return self._per_sample(name, problem, completions, columns)
+        """One reward's N scores and how many samples failed, from its batch call's outcome."""
+        if outcome is _TIMED_OUT:
+            return self._timed_out(name, len(completions))
+        if isinstance(outcome, BaseException):
+            return self._per_sample(name, outcome, completions, columns)
+        scores = _batch_scores(name, outcome, len(completions))
+        problem = _score_problem(scores)
+        if problem is not None:
+            return self._per_sample(name, problem, completions, columns)
+        return [None if s is None else float(s) for s in scores], 0
 
     def _per_sample(self, name: str, batch_problem: Any, completions: Sequence[Any],
                     columns: Mapping[str, Sequence[Any]]) -> tuple[list[Score], int]:
@@ -149,66 +184,131 @@ class RewardScorer:
         failed = []
         for i in range(len(completions)):
             row = {key: list(values[i:i + 1]) for key, values in columns.items()}
-            try:
-                out = _call_sync(fn, [completions[i]], row)
-                problem = _output_problem(out, 1)
-            except Exception as exc:
-                problem = exc
+            out = _call_and_wait(fn, [completions[i]], row, self.timeout_s)
+            if out is _TIMED_OUT:
+                return self._timed_out(name, len(completions))
+            problem = out if isinstance(out, BaseException) else _score_problem(_batch_scores(name, out, 1))
             if problem is not None:
                 message = _describe_failure(name, i, columns, problem)
                 if self.on_error is OnRewardError.RAISE:
-                    cause = problem if isinstance(problem, Exception) else None
+                    cause = problem if isinstance(problem, BaseException) else None
                     raise RewardError(message) from cause
                 failed.append(message)
                 scores.append(None)
             else:
                 scores.append(None if out[0] is None else float(out[0]))
         if not failed:  # the batch call failed but every single call passed
-            logger.warning("reward %r failed on the batch (%s) but on no single sample", name, batch_problem)
+            logger.warning("reward %r failed on the batch (%s) but on no single sample", name, _cause(batch_problem))
         else:
             logger.warning("reward %r failed on %d of %d samples, scored as not applicable; first: %s",
                            name, len(failed), len(completions), failed[0])
         return scores, len(failed)
 
+    def _timed_out(self, name: str, n: int) -> tuple[list[Score], int]:
+        """All N scores of a reward that did not return: None, counted as failures (or raise)."""
+        message = (f"reward {name!r} did not return within {self.timeout_s:g} s; raise algorithm.reward_timeout_s "
+                   "or fix the reward")
+        if self.on_error is OnRewardError.RAISE:
+            raise RewardError(message)
+        logger.warning("%s (its %d scores are not applicable)", message, n)
+        return [None] * n, n
 
-def _output_problem(output: Any, n: int) -> str | None:
-    """Why ``output`` is not N finite numbers or None, or None when it is fine."""
+
+def _batch_scores(name: str, output: Any, n: int) -> list[Any]:
+    """``output`` as a list of N scores.
+
+    Raises:
+        RewardError: ``output`` is not a list of N; no sample can be blamed for that, so it is
+            the reward's bug whatever ``on_error`` says.
+    """
     if isinstance(output, np.ndarray):
         output = output.tolist()
     if not isinstance(output, (list, tuple)):
-        return f"returned {type(output).__name__}, expected a list of {n} floats or None"
-    if len(output) != n:
-        return f"returned {len(output)} scores for {n} completions"
-    for i, score in enumerate(output):
+        got = f"{type(output).__name__} {reprlib.repr(output)}"
+    elif len(output) != n:
+        got = f"{len(output)} scores for {n} completions"
+    else:
+        return list(output)
+    raise RewardError(f"reward {name!r} returned {got}; expected a list of {n} scores (a float, or None for "
+                      "'not applicable', per completion). This is a bug in the reward, not in a sample: fix "
+                      "the reward")
+
+
+def _score_problem(scores: Sequence[Any]) -> str | None:
+    """Why one of ``scores`` is not a finite number within ``MAX_ABS_SCORE`` or None, or None."""
+    for i, score in enumerate(scores):
         if score is None:
             continue
         if not isinstance(score, Real):
-            return f"score {i} is {type(score).__name__} {score!r}, expected a float or None"
-        if not math.isfinite(float(score)):
+            return f"score {i} is {type(score).__name__} {reprlib.repr(score)}, expected a float or None"
+        if not (isinstance(score, Integral) or math.isfinite(score)):
             return f"score {i} is {score}; return None for 'not applicable', never NaN or inf"
+        if abs(score) > MAX_ABS_SCORE:
+            return (f"score {i} is {reprlib.repr(score)}, beyond +-{MAX_ABS_SCORE:g} (rewards are weighted, "
+                    "summed and normalised in float32); scale the reward down")
     return None
 
 
 def _describe_failure(name: str, index: int, columns: Mapping[str, Sequence[Any]], problem: Any) -> str:
     ids = columns.get("id")
     which = f"sample {index}" + (f" (id {ids[index]!r})" if ids is not None else "")
-    cause = f"{type(problem).__name__}: {problem}" if isinstance(problem, Exception) else str(problem)
-    return f"reward {name!r} failed on {which}: {cause}"
+    if isinstance(problem, SystemExit):
+        return f"reward {name!r} {_cause(problem)} on {which}"
+    return f"reward {name!r} failed on {which}: {_cause(problem)}"
 
 
-def _call_sync(fn: Callable[..., Any], completions: list[Any], columns: Mapping[str, Any]) -> Any:
-    result = fn(completions, **columns)
-    return run_awaitables([result])[0] if inspect.isawaitable(result) else result
+def _cause(problem: Any) -> str:
+    if isinstance(problem, SystemExit):
+        return f"called sys.exit({problem.code!r})"
+    return f"{type(problem).__name__}: {problem}" if isinstance(problem, BaseException) else str(problem)
 
 
-def run_awaitables(awaitables: list[Awaitable[Any]]) -> list[Any]:
-    """Await all concurrently; each result or its exception. Works inside a running event loop
-    (e.g. a notebook or the demo) by using a private loop on a helper thread."""
+def _call_within(fn: Callable[..., Any], completions: list[Any], columns: Mapping[str, Any],
+                 timeout_s: float | None) -> Any:
+    """The outcome of ``fn(completions, **columns)``: its output (an awaitable for an async
+    reward), the exception it raised (``sys.exit`` included), or ``_TIMED_OUT``.
+
+    With a timeout the call runs in a daemon helper thread joined for ``timeout_s``; without
+    one, on this thread (no overhead).
+    """
+    if timeout_s is None:
+        outcome = _call(fn, completions, columns)
+    else:
+        box: list[Any] = []
+        thread = threading.Thread(target=lambda: box.append(_call(fn, completions, columns)), daemon=True,
+                                  name="vlreason-reward")
+        thread.start()
+        thread.join(timeout_s)
+        outcome = box[0] if box else _TIMED_OUT
+    if isinstance(outcome, BaseException) and not isinstance(outcome, _FAILURES):
+        raise outcome  # KeyboardInterrupt stops the run, even when raised on the helper thread
+    return outcome
+
+
+def _call(fn: Callable[..., Any], completions: list[Any], columns: Mapping[str, Any]) -> Any:
+    """``fn``'s output, or whatever it raised, as a value."""
+    try:
+        return fn(completions, **columns)
+    except BaseException as exc:  # a helper thread cannot raise into its caller: _call_within re-raises
+        return exc
+
+
+def _call_and_wait(fn: Callable[..., Any], completions: list[Any], columns: Mapping[str, Any],
+                   timeout_s: float | None) -> Any:
+    """``_call_within``, with an async reward's result awaited (within the same timeout)."""
+    outcome = _call_within(fn, completions, columns, timeout_s)
+    return run_awaitables([outcome], timeout_s)[0] if inspect.isawaitable(outcome) else outcome
+
+
+def run_awaitables(awaitables: list[Awaitable[Any]], timeout_s: float | None = None) -> list[Any]:
+    """Await all concurrently; each result, its exception (``sys.exit`` included) or, after
+    ``timeout_s``, ``_TIMED_OUT``. Works inside a running event loop (e.g. a notebook or the
+    demo) by using a private loop on a helper thread."""
     if not awaitables:
         return []
 
     async def gather() -> list[Any]:
-        return await asyncio.gather(*awaitables, return_exceptions=True)
+        return await asyncio.gather(*(_awaited(a, timeout_s) for a in awaitables))
 
     try:
         asyncio.get_running_loop()
@@ -219,3 +319,18 @@ def run_awaitables(awaitables: list[Awaitable[Any]]) -> list[Any]:
     thread.start()
     thread.join()
     return results
+
+
+async def _awaited(awaitable: Awaitable[Any], timeout_s: float | None) -> Any:
+    """``awaitable``'s result, its exception, or ``_TIMED_OUT`` (it is then cancelled)."""
+
+    async def outcome() -> Any:
+        try:
+            return await awaitable
+        except _FAILURES as exc:  # inside wait_for, so a reward's own TimeoutError is no timeout
+            return exc
+
+    try:
+        return await asyncio.wait_for(outcome(), timeout_s)
+    except asyncio.TimeoutError:
+        return _TIMED_OUT

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from transformers import BatchFeature
 
+from vlreason.models.adapters import silent_special_ids
 from vlreason.registry import Registry
 
 
@@ -43,7 +44,8 @@ class Rollouts:
     Attributes:
         completion_ids: ``[N, T]``, padded with the pad id after the end.
         completion_mask: ``[N, T]``, 1 on generated tokens up to and including end-of-sequence.
-        texts: N decoded completions (special tokens removed).
+        texts: N decoded completions: special tokens removed, except those that carry meaning
+            in text (Qwen-VL's box and reference tokens, ``models.adapters.TEXT_SPECIAL_TOKENS``).
         truncated: ``[N]`` bool, True where the completion reached ``max_new_tokens`` unfinished.
     """
 
@@ -80,5 +82,15 @@ def finish(completion_ids: torch.Tensor, eos_id: int, pad_id: int, tokenizer: An
     ended = is_eos.cumsum(dim=1)
     mask = ((ended == 0) | (is_eos & (ended == 1))).long()  # through the first EOS
     ids = completion_ids.masked_fill(mask == 0, pad_id)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return Rollouts(completion_ids=ids, completion_mask=mask, texts=texts, truncated=~is_eos.any(dim=1))
+    return Rollouts(completion_ids=ids, completion_mask=mask, texts=_decode(ids, tokenizer),
+                    truncated=~is_eos.any(dim=1))
+
+
+def _decode(ids: torch.Tensor, tokenizer: Any) -> list[str]:
+    """Texts of ``[N, T]`` completion ids without the special tokens that mean nothing in text.
+    ``skip_special_tokens=True`` would also drop Qwen-VL's box tokens, and with them every box
+    the model wrote in its native grounding form."""
+    silent = torch.tensor(silent_special_ids(tokenizer), dtype=ids.dtype)
+    spoken = ~torch.isin(ids, silent)  # [N, T]
+    return tokenizer.batch_decode([row[keep].tolist() for row, keep in zip(ids, spoken, strict=True)],
+                                  skip_special_tokens=False)
