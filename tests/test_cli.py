@@ -91,6 +91,32 @@ def test_check_reports_bad_lines_as_file_line_field(tmp_path, data_dir, capsys):
     assert "malformed JSON" in problems[1]
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n"], ids=["empty", "blank lines"])
+def test_check_file_without_samples_exits_1(tmp_path, capsys, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    code, out, _ = run(capsys, "data", "check", str(path))
+    assert code == 1
+    assert out.splitlines() == [f"{path}: no samples: the file is empty or holds only blank lines; "
+                                "write one JSON object (a sample) per line"]
+
+
+def test_check_reports_llava_fields_and_bad_videos(tmp_path, capsys):
+    (tmp_path / "clip.mp4").write_text("not a video")
+    path = tmp_path / "llava.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [
+        {"image": "x.png", "prompt": "What is this?"},
+        {"videos": ["clip.mp4"], "prompt": "What happens?"},
+    ]) + "\n")
+    code, out, _ = run(capsys, "data", "check", str(path))
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == (f'{path}:1: image: vlreason reads media from "images": ["x.png"] '
+                        "(a list; paths relative to the JSONL file)")
+    assert lines[1].startswith(f"{path}:2: videos[0]: {tmp_path / 'clip.mp4'}: not a recognised video container")
+    assert lines[2] == f"{path}: 0 valid sample(s), 2 problem(s) on 2 line(s)"
+
+
 def test_check_missing_file_exits_2(tmp_path, capsys):
     code, _, err = run(capsys, "data", "check", str(tmp_path / "nope.jsonl"))
     assert code == 2

@@ -59,11 +59,11 @@ def test_yaml_file_shared_sections_and_stage_entries(tmp_path):
     sft, grpo = config.stages
     assert (sft.kind, grpo.kind) == (StageKind.SFT, StageKind.GRPO)
     assert (sft.name, grpo.name) == ("sft", "grpo")
-    assert config.output_dir == "runs/grounding"
-    assert sft.output_dir == str(Path("runs/grounding") / "sft")
-    assert grpo.output_dir == str(Path("runs/grounding") / "grpo")
+    assert config.output_dir == str(Path.cwd() / "runs/grounding")
+    assert sft.output_dir == str(Path.cwd() / "runs/grounding" / "sft")
+    assert grpo.output_dir == str(Path.cwd() / "runs/grounding" / "grpo")
     # shared sections reach every stage; stage entries are deep-merged over them
-    assert sft.data.train == grpo.data.train == "data/train.jsonl"
+    assert sft.data.train == grpo.data.train == str(Path.cwd() / "data/train.jsonl")
     assert sft.optim.batch_size == grpo.optim.batch_size == 4
     assert sft.optim.warmup_steps == grpo.optim.warmup_steps == 3
     assert sft.optim.learning_rate == 1e-3 and sft.optim.max_steps == 300
@@ -77,7 +77,7 @@ def test_stage_two_starts_from_stage_one_final():
     sft, grpo = load(two_stages()).stages
     assert sft.model.name_or_path == "tiny-qwen2-vl"
     assert grpo.model.name_or_path == final_checkpoint(sft.output_dir)
-    assert grpo.model.name_or_path == str(Path("runs/grounding") / "sft" / "final")
+    assert grpo.model.name_or_path == str(Path.cwd() / "runs/grounding" / "sft" / "final")
 
 
 def test_stage_naming_its_own_model_keeps_it():
@@ -93,7 +93,7 @@ def test_three_stages_chain():
     raw["stages"].append({"kind": "sft", "name": "polish"})
     sft, grpo, polish = load(raw).stages
     assert polish.model.name_or_path == final_checkpoint(grpo.output_dir)
-    assert polish.output_dir == str(Path("runs/grounding") / "polish")
+    assert polish.output_dir == str(Path.cwd() / "runs/grounding" / "polish")
 
 
 def test_other_shared_model_fields_still_reach_later_stages():
@@ -140,9 +140,9 @@ def test_seed_and_output_dir_overrides():
     sft, grpo = config.stages
     assert config.seed == 7 and sft.seed == 7
     assert grpo.seed == 42  # a stage's own seed is kept
-    assert config.output_dir == "elsewhere"
-    assert sft.output_dir == str(Path("elsewhere") / "sft")
-    assert grpo.model.name_or_path == str(Path("elsewhere") / "sft" / "final")
+    assert config.output_dir == str(Path.cwd() / "elsewhere")
+    assert sft.output_dir == str(Path.cwd() / "elsewhere" / "sft")
+    assert grpo.model.name_or_path == str(Path.cwd() / "elsewhere" / "sft" / "final")
 
 
 def test_override_values_are_yaml():
@@ -168,7 +168,7 @@ def test_string_stages_and_numbers_as_strings():
            "rewards": {"iou": None}, "stages": ["sft", "grpo"]}
     config = load(raw)
     sft, grpo = config.stages
-    assert config.output_dir == "runs/vlreason" and config.seed == 0
+    assert config.output_dir == str(Path.cwd() / "runs/vlreason") and config.seed == 0
     assert sft.optim.learning_rate == 1e-4 and isinstance(sft.optim.learning_rate, float)
     assert sft.optim.time_budget_s == 300.0
     assert grpo.rewards["iou"].weight == 1.0  # `iou:` with no value is an entry with defaults
@@ -218,15 +218,26 @@ def test_saved_config_yaml_reloads(tmp_path):
     assert load_config(path).stages == config.stages
 
 
-def test_reward_plugin_files_resolve_next_to_the_config(tmp_path, monkeypatch):
-    (tmp_path / "my_reward.py").write_text("def score(completions, **kw):\n    return [1.0] * len(completions)\n")
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({"data": {"train": "t.jsonl"}, "stages": [
-        {"kind": "grpo", "rewards": {"mine": {"fn": "my_reward.py:score"}, "other": {"fn": "missing.py:f"}}}]}))
-    monkeypatch.chdir(tmp_path.parent)
-    rewards = load_config(path).stages[0].rewards
-    assert rewards["mine"].fn == f"{tmp_path / 'my_reward.py'}:score"
-    assert rewards["other"].fn == "missing.py:f"  # not next to the config: left for the working directory
+def test_relative_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """One rule for data, eval, plugin files, output folders and local models, in the file and
+    on the command line; the resolved config is absolute, so it means the same from anywhere."""
+    config_dir, work = tmp_path / "configs", tmp_path / "work"
+    config_dir.mkdir()
+    (work / "models" / "mine").mkdir(parents=True)
+    path = config_dir / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "output_dir": "runs/x", "model": {"name_or_path": "models/mine"},
+        "data": {"train": "data/t.jsonl", "eval": "data/e.jsonl"},
+        "stages": [{"kind": "grpo", "rewards": {"mine": {"fn": "rewards/my_reward.py:score"}, "iou": {}}}]}))
+    monkeypatch.chdir(work)
+    stage = load_config(path, ["data.eval=other/e.jsonl"]).stages[0]
+    assert stage.output_dir == str(work / "runs/x/grpo")
+    assert stage.data.train == str(work / "data/t.jsonl") and stage.data.eval == str(work / "other/e.jsonl")
+    assert stage.rewards["mine"].fn == f"{work / 'rewards/my_reward.py'}:score"
+    assert stage.rewards["iou"].fn is None
+    assert stage.model.name_or_path == str(work / "models/mine")
+    assert load(two_stages(), "model.name_or_path=Qwen/Qwen2.5-VL-3B-Instruct").stages[0].model.name_or_path == \
+        "Qwen/Qwen2.5-VL-3B-Instruct"  # not a local folder: a hub id
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -332,6 +343,36 @@ def test_grpo_needs_two_generations():
 ])
 def test_value_checks_name_the_key(override, key):
     assert error(two_stages(), override).startswith(key + ":")
+
+
+@pytest.mark.parametrize("override, key", [
+    # values that used to pass and then misbehave: -1 dropped a sample, saved every step, 0 crashed at step 1
+    ("data.max_samples=-1", "stages[sft].data.max_samples"),
+    ("data.max_samples=0", "stages[sft].data.max_samples"),
+    ("save.every=-1", "stages[sft].save.every"),
+    ("save.keep=0", "stages[sft].save.keep"),
+    ("logging.log_every=0", "stages[sft].logging.log_every"),
+    ("logging.rollouts_every=-2", "stages[sft].logging.rollouts_every"),
+    ("optim.learning_rate=.nan", "stages[sft].optim.learning_rate"),
+    ("optim.warmup_steps=-1", "stages[sft].optim.warmup_steps"),
+    ("optim.max_grad_norm=0", "stages[sft].optim.max_grad_norm"),
+    ("optim.time_budget_s=0", "stages[sft].optim.time_budget_s"),
+    ("grpo.rollout.top_p=0", "stages[grpo].rollout.top_p"),
+    ("grpo.algorithm.max_refill_tries=-1", "stages[grpo].algorithm.max_refill_tries"),
+    ("grpo.algorithm.reward_timeout_s=0", "stages[grpo].algorithm.reward_timeout_s"),
+    ("grpo.rewards.iou.weight=.inf", "stages[grpo].rewards.iou.weight"),
+    ("data.max_tokens=0", "stages[sft].data.max_tokens"),
+    ("model.lora.dropout=1.0", "stages[sft].model.lora.dropout"),
+])
+def test_out_of_range_values_name_the_key_and_the_value(override, key):
+    message = error(two_stages(), override)
+    assert message.startswith(key + ":") and "(got " in message
+
+
+def test_optional_limits_accept_null():
+    sft = load(two_stages(), "data.max_samples=null", "data.max_tokens=null", "algorithm.reward_timeout_s=null",
+               "save.every=0", "logging.rollouts_every=0").stages[0]
+    assert sft.data.max_samples is None and sft.data.max_tokens is None and sft.save.every == 0
 
 
 def test_duplicate_stage_names():

@@ -1,19 +1,21 @@
 """The ``vlreason`` command line.
 
-    vlreason train CONFIG.yaml [key=value ...] [--resume]   run the config's stages (sft, grpo)
-    vlreason eval MODEL --data FILE.jsonl [--out DIR]       task metrics, JSON + Markdown report
-    vlreason quickstart --out DIR                           CPU demo: synthetic grounding, SFT -> GRPO
-    vlreason data check FILE.jsonl [FILE ...]       validate every line and every image
+    vlreason train CONFIG.yaml [key=value ...]      run the config's stages (sft, grpo); an output_dir
+                   [--resume | --overwrite]         holding a run needs --resume or --overwrite
+    vlreason eval MODEL --data FILE.jsonl [--out DIR]   task metrics, JSON + Markdown report
+    vlreason quickstart --out DIR                   CPU demo: synthetic grounding, SFT -> GRPO
+    vlreason data check FILE.jsonl [FILE ...]       validate every line, image and video
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
     vlreason rewards list                           built-in, registered and entry-point rewards
-    vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
-"""
+    vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +26,7 @@ from vlreason.data import check_jsonl, read_jsonl
 from vlreason.data.synth import TASKS, synthesize
 from vlreason.registry import PluginError
 from vlreason.training import TrainingStopped
+from vlreason.training.interrupt import TrainingInterrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,9 +38,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except TrainingInterrupted as exc:
+        print(f"{exc}\ncontinue with: {_resume_command(args)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return 130
     except (PluginError, ValueError, FileNotFoundError, TrainingStopped) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({exc}); free some space, then rerun (training: add --resume)",
+              file=sys.stderr)
+        return 2
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues an interrupted ``vlreason train``."""
+    if getattr(args, "run", None) is not run_train:
+        return "the same command"
+    words = ["vlreason", "train", args.config, *args.overrides, "--resume"]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,17 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", metavar="CONFIG.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="e.g. optim.learning_rate=1e-4 (all stages) or grpo.rollout.num_generations=4")
-    train.add_argument("--resume", action="store_true",
-                       help="skip finished stages and continue the running one from its newest checkpoint")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir: skip finished stages, continue the next from its "
+                             "newest checkpoint (also after raising optim.max_steps)")
+    resume.add_argument("--overwrite", action="store_true",
+                        help="delete the earlier run's checkpoints, logs and models in output_dir, then start over")
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model on a data file")
     evaluate.add_argument("model", help="checkpoint directory, hub id or tiny preset")
     evaluate.add_argument("--data", required=True, metavar="FILE.jsonl")
     evaluate.add_argument("--out", help="report folder (default: MODEL/eval, or ./eval for a hub id)")
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
-    evaluate.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
     evaluate.set_defaults(run=run_eval)
 
     quick = commands.add_parser("quickstart", help="synthetic grounding on CPU: base -> SFT -> GRPO vs more SFT")
@@ -68,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(run=run_quickstart)
 
     data = commands.add_parser("data", help="check or synthesize data files").add_subparsers(metavar="ACTION")
-    check = data.add_parser("check", help="validate JSONL files: every line, every image")
+    check = data.add_parser("check", help="validate JSONL files: every line, image and video")
     check.add_argument("files", nargs="+", metavar="FILE.jsonl")
     check.set_defaults(run=run_data_check)
     synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
@@ -93,12 +120,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _quiet_transformers() -> None:
+    """No per-call bars from transformers (loading weights, writing shards) between our own
+    progress bars; hub download bars stay."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # also turns off the hub's bars ...
+    enable_progress_bars()  # ... which a first download needs
+
+
 def run_train(args: argparse.Namespace) -> int:
     from vlreason.config import load_config
     from vlreason.training.pipeline import run_pipeline
 
+    _quiet_transformers()
     config = load_config(args.config, args.overrides)
-    outcomes = run_pipeline(config, resume=args.resume)
+    outcomes = run_pipeline(config, resume=args.resume, overwrite=args.overwrite)
     rows = [(o.name, o.kind, "-" if o.steps is None else str(o.steps), o.final_path,
              ", ".join(f"{k}={v:.3f}" for k, v in (o.eval or {}).items() if isinstance(v, float)) or "-")
             for o in outcomes]
@@ -111,7 +159,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from vlreason.eval import evaluate, write_report
     from vlreason.models.vlm import load_vlm
+    from vlreason.training.checkpoints import refuse_training_checkpoint
 
+    refuse_training_checkpoint(args.model)
+    _quiet_transformers()
     vlm = load_vlm(args.model)
     report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       limit=args.limit)
@@ -126,20 +177,26 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_quickstart(args: argparse.Namespace) -> int:
     from vlreason.quickstart import format_report, run_quickstart
 
+    _quiet_transformers()
     report = run_quickstart(args.out, seed=args.seed)
     print(format_report(report))
     return 0
 
 
 def run_data_check(args: argparse.Namespace) -> int:
+    from vlreason.data.jsonl import NO_SAMPLES
+
     failed = False
     for path in args.files:
         valid, problems = check_jsonl(path)
         for problem in problems:
             print(problem)
         lines = len({p.line for p in problems})
-        print(f"{path}: {valid} valid sample(s), {len(problems)} problem(s) on {lines} line(s)")
-        failed = failed or bool(problems)
+        if valid or problems:
+            print(f"{path}: {valid} valid sample(s), {len(problems)} problem(s) on {lines} line(s)")
+        else:
+            print(f"{path}: {NO_SAMPLES}")
+        failed = failed or bool(problems) or not valid
     return 1 if failed else 0
 
 

@@ -20,6 +20,11 @@ Overrides on the command line are applied last: ``optim.learning_rate=1e-4`` cha
 stage, ``grpo.optim.learning_rate=1e-4`` only the stage named ``grpo``, ``seed=1`` the top level.
 Values are read as YAML (``true``, ``[1, 2]``, ``{a: 1}``).
 
+Relative paths follow one rule, in the file as on the command line: they are relative to the
+working directory ``vlreason`` runs in (data, eval, reward plugin files, output folders, a
+local model). ``load_config`` makes them absolute, so the resolved config (saved as
+``output_dir/config.yaml``) means the same from anywhere.
+
 ``load_config`` validates everything once: unknown keys (with the closest match), wrong types
 and values outside the allowed choices fail with the full key path.
 """
@@ -29,8 +34,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +92,9 @@ class DataConfig:
     eval: str | None = None  # held-out JSONL for evaluation after the stage
     on_bad_sample: OnBadSample = OnBadSample.ERROR  # error: stop at the first bad line; skip: count and log
     max_samples: int | None = None  # use only the first N training samples
+    # longest input in tokens, image tokens included: the prompt (GRPO, eval) or the whole
+    # conversation (SFT); longer samples are a data problem (on_bad_sample decides: stop or skip)
+    max_tokens: int | None = 8192
     thought_dropout: float = 0.0  # SFT (TON): replace the <think> block with an empty one at this rate
 
 
@@ -115,6 +126,7 @@ class AlgorithmConfig:
     max_refill_tries: int = 4  # extra prompt batches drawn per step when dynamic sampling filters
     mask_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
     on_reward_error: OnRewardError = OnRewardError.SKIP  # skip: score n/a, count and log; raise: stop
+    reward_timeout_s: float | None = 600.0  # a reward call running longer fails (on_reward_error decides)
 
 
 @dataclass
@@ -126,7 +138,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     batch_size: int = 8  # SFT: sequences per step; GRPO: prompts per step
     max_steps: int = 100
-    time_budget_s: float | None = None  # also stop (and save) after this much training time
+    time_budget_s: float | None = None  # also stop (and save) after this much training time (not reproducible)
     max_bad_steps: int = 5  # stop after this many non-finite losses or gradients in a row
 
 
@@ -187,12 +199,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), raw: dict[st
             raise ConfigError("give a config file or a dict")
         raw = _read_yaml(Path(path))
     raw = copy.deepcopy(raw)
-    config_dir = Path(path).resolve().parent if path else None
     _check_keys(raw, TOP_LEVEL, "")
     entries = _stage_entries(raw.get("stages"))
     names = [entry["name"] for entry in entries]
     shared, every_stage, per_stage = _split_overrides(raw, names, overrides)
-    output_dir = str(shared.get("output_dir") or "runs/vlreason")
+    output_dir = _absolute(str(shared.get("output_dir") or "runs/vlreason"))
     seed = _convert(shared.get("seed", 0), int, "seed")
     stages: list[StageConfig] = []
     for entry in entries:
@@ -205,7 +216,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), raw: dict[st
         merged.setdefault("output_dir", str(Path(output_dir) / entry["name"]))
         merged.setdefault("seed", seed)
         stage = _build(StageConfig, merged, f"stages[{entry['name']}]")
-        stages.append(_with_plugin_paths(stage, config_dir))
+        stages.append(_with_absolute_paths(stage))
     config = PipelineConfig(output_dir=output_dir, stages=stages, seed=seed)
     validate(config)
     return config
@@ -217,24 +228,62 @@ def final_checkpoint(stage_output_dir: str | Path) -> str:
 
 
 def validate(config: PipelineConfig) -> None:
-    """Checks that span fields (types and choices are checked while converting)."""
+    """Checks of values and of fields together (types and choices are checked while converting)."""
     for stage in config.stages:
         where = f"stages[{stage.name}]"
         if not stage.data.train:
             raise ConfigError(f"{where}.data.train: no training data; set it to a JSONL file")
-        positive = {"optim.batch_size": stage.optim.batch_size, "optim.max_steps": stage.optim.max_steps,
-                    "rollout.max_new_tokens": stage.rollout.max_new_tokens,
-                    "algorithm.num_iterations": stage.algorithm.num_iterations,
-                    "optim.max_bad_steps": stage.optim.max_bad_steps}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{where}.{key}: must be >= 1 (got {value})")
-        if not 0.0 <= stage.data.thought_dropout <= 1.0:
-            raise ConfigError(f"{where}.data.thought_dropout: a rate in [0, 1] (got {stage.data.thought_dropout})")
-        if stage.optim.learning_rate <= 0:
-            raise ConfigError(f"{where}.optim.learning_rate: must be > 0 (got {stage.optim.learning_rate})")
+        for key, check, rule in RULES:
+            value = _get(stage, key)
+            if value is not None and not check(value):
+                raise ConfigError(f"{where}.{key}: {rule} (got {value})")
+        for name, reward in stage.rewards.items():
+            if not math.isfinite(reward.weight):
+                raise ConfigError(f"{where}.rewards.{name}.weight: must be a finite number (got {reward.weight})")
         if stage.kind is StageKind.GRPO:
             _validate_grpo(stage, where)
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+# (key, check, rule) for values that are not None; each rule says what is allowed
+RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("optim.batch_size", _positive, "must be >= 1"),
+    ("optim.max_steps", _positive, "must be >= 1"),
+    ("optim.max_bad_steps", _positive, "must be >= 1"),
+    ("optim.learning_rate", _positive, "must be > 0"),
+    ("optim.warmup_steps", _non_negative, "must be >= 0"),
+    ("optim.weight_decay", _non_negative, "must be >= 0"),
+    ("optim.max_grad_norm", _positive, "must be > 0"),
+    ("optim.time_budget_s", _positive, "must be > 0 seconds, or null for no time limit"),
+    ("data.max_samples", _positive, "must be >= 1, or null for all samples"),
+    ("data.max_tokens", _positive, "must be >= 1, or null for no limit"),
+    ("data.thought_dropout", lambda v: 0.0 <= v <= 1.0, "a rate in [0, 1]"),
+    ("rollout.max_new_tokens", _positive, "must be >= 1"),
+    ("rollout.top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("algorithm.num_iterations", _positive, "must be >= 1"),
+    ("algorithm.max_refill_tries", _non_negative, "must be >= 0"),
+    ("algorithm.reward_timeout_s", _positive, "must be > 0 seconds, or null for no limit"),
+    ("logging.log_every", _positive, "must be >= 1"),
+    ("logging.rollouts_every", _non_negative, "must be >= 0 (0: never)"),
+    ("save.every", _non_negative, "must be >= 0 (0: only at the end)"),
+    ("save.keep", _positive, "must be >= 1"),
+    ("model.lora.r", _positive, "must be >= 1"),
+    ("model.lora.alpha", _positive, "must be > 0"),
+    ("model.lora.dropout", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)"),
+)
+
+
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def _validate_grpo(stage: StageConfig, where: str) -> None:
@@ -243,12 +292,13 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
     if stage.rollout.num_generations < 2:
         raise ConfigError(f"{where}.rollout.num_generations: GRPO compares samples of a prompt; use >= 2 "
                           f"(got {stage.rollout.num_generations})")
-    if stage.rollout.temperature <= 0:
+    if not _positive(stage.rollout.temperature):
         raise ConfigError(f"{where}.rollout.temperature: sampling needs a temperature > 0")
-    if stage.algorithm.epsilon_low < 0 or stage.algorithm.epsilon_high < 0 or stage.algorithm.epsilon_low >= 1:
+    algorithm = stage.algorithm
+    if not (0 <= algorithm.epsilon_low < 1 and _non_negative(algorithm.epsilon_high)):
         raise ConfigError(f"{where}.algorithm.epsilon_low/high: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
-    if stage.algorithm.beta < 0:
-        raise ConfigError(f"{where}.algorithm.beta: must be >= 0 (got {stage.algorithm.beta})")
+    if not _non_negative(algorithm.beta):
+        raise ConfigError(f"{where}.algorithm.beta: must be >= 0 (got {algorithm.beta})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -329,16 +379,24 @@ def _split_overrides(raw: dict[str, Any], stage_names: list[str], overrides: lis
     return shared, every_stage, per_stage
 
 
-def _with_plugin_paths(stage: StageConfig, config_dir: Path | None) -> StageConfig:
-    """Make reward plugin files named relative to the config file absolute, so the resolved
-    config means the same from any working directory (other relative paths stay relative to it)."""
-    if config_dir is None:
-        return stage
+def _with_absolute_paths(stage: StageConfig) -> StageConfig:
+    """Resolve the stage's relative paths against the working directory (the one rule, see the
+    module docstring): data files, output folder, reward plugin files and a local model folder."""
+    stage.output_dir = _absolute(stage.output_dir)
+    stage.data.train = _absolute(stage.data.train)
+    if stage.data.eval:
+        stage.data.eval = _absolute(stage.data.eval)
+    if Path(stage.model.name_or_path).exists():  # else a hub id or a tiny preset
+        stage.model.name_or_path = _absolute(stage.model.name_or_path)
     for name, reward in stage.rewards.items():
         target, sep, attr = (reward.fn or name).rpartition(":")
-        if sep and target.endswith(".py") and not Path(target).is_absolute() and (config_dir / target).is_file():
-            reward.fn = f"{config_dir / target}:{attr}"
+        if sep and target.endswith(".py"):
+            reward.fn = f"{_absolute(target)}:{attr}"
     return stage
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
 def _set(target: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -1,5 +1,5 @@
 """SFT building blocks: assistant-only labels, and the collator (box conversion, thought dropout,
-skipping samples whose image went missing). No Trainer runs here."""
+replacing samples whose image went missing). No Trainer runs here."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from vlreason.data import read_jsonl
+from vlreason.data.schema import Sample
 from vlreason.data.synth import synthesize
 from vlreason.models import TINY_PRESETS
 from vlreason.models.adapters import BoxConvention
 from vlreason.models.vlm import build_tiny_vlm
-from vlreason.training.sft import EMPTY_THINK, IGNORE_INDEX, SFTCollator, assistant_labels
+from vlreason.training import TrainingStopped
+from vlreason.training.sft import EMPTY_THINK, IGNORE_INDEX, SFTCollator, assistant_labels, empty_thoughts
 
 # ---- assistant_labels on hand-built ids -------------------------------------------------------------
 
@@ -143,7 +145,7 @@ def label_text(vlm, labels: torch.Tensor) -> str:
 
 
 def test_collator_labels_are_the_converted_response(vlm, grounding):
-    collator = SFTCollator(vlm)
+    collator = SFTCollator(vlm, grounding)
     batch = collator(grounding)
     assert set(batch) >= {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
                           "labels"}
@@ -164,7 +166,7 @@ def test_collator_labels_are_the_converted_response(vlm, grounding):
 
 
 def test_collator_masks_image_pads_prompt_and_padding(vlm, grounding):
-    batch = SFTCollator(vlm)(grounding)
+    batch = SFTCollator(vlm, grounding)(grounding)
     labels, ids = batch["labels"], batch["input_ids"]
     image_pad = vlm.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (ids == image_pad).sum() > 0
@@ -185,7 +187,7 @@ def test_collator_box_conventions_by_family(grounding):
     texts = {}
     for preset in ("tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl"):
         vlm = build_tiny_vlm(preset, seed=0)
-        texts[preset] = label_text(vlm, SFTCollator(vlm)(grounding[:1])["labels"][0])
+        texts[preset] = label_text(vlm, SFTCollator(vlm, grounding)(grounding[:1])["labels"][0])
     scale = 112 / IMAGE_SIZE  # 100 px -> 112 (4 tokens of 28 px)
     expected_25 = [round(v * scale) for v in (x1, y1, x2, y2)]
     assert f"[{', '.join(map(str, expected_25))}]" in texts["tiny-qwen2.5-vl"]
@@ -195,8 +197,8 @@ def test_collator_box_conventions_by_family(grounding):
 
 
 def test_thought_dropout_one_empties_think_zero_keeps(qwen25, grounding):
-    kept = SFTCollator(qwen25, thought_dropout=0.0)(grounding)
-    dropped = SFTCollator(qwen25, thought_dropout=1.0)(grounding)
+    kept = SFTCollator(qwen25, grounding, thought_dropout=0.0)(grounding)
+    dropped = SFTCollator(qwen25, grounding, thought_dropout=1.0)(grounding)
     for row, sample in enumerate(grounding):
         expected = expected_box_text(qwen25, sample.response, (IMAGE_SIZE, IMAGE_SIZE))
         assert label_text(qwen25, kept["labels"][row]) == expected + "<|im_end|>"
@@ -206,27 +208,40 @@ def test_thought_dropout_one_empties_think_zero_keeps(qwen25, grounding):
         assert "<think>\n\n</think><answer>" in label_text(qwen25, dropped["labels"][row])
 
 
-def test_drop_thoughts_rate_and_seed():
-    collator = SFTCollator(build_tiny_vlm("tiny-qwen2.5-vl", seed=0), thought_dropout=0.5, seed=3)
-    messages = [{"role": "user", "content": "q"},
+def fake_samples(n: int) -> list[Sample]:
+    return [Sample(id=str(i), messages=[], images=[], videos=[], image_sizes=[], source=f"data.jsonl:{i + 1}")
+            for i in range(n)]
+
+
+def test_thought_dropout_rate_and_its_reproducible_decisions(qwen25):
+    samples = fake_samples(400)
+    collator = SFTCollator(qwen25, samples, thought_dropout=0.5, seed=3)
+    epoch0 = [collator.drops_thoughts(s) for s in samples]
+    assert 0.4 < sum(epoch0) / 400 < 0.6
+    # a decision depends on the seed, the epoch and the sample only: not on call order or earlier calls
+    again = SFTCollator(qwen25, samples, thought_dropout=0.5, seed=3)
+    assert [again.drops_thoughts(s) for s in reversed(samples)] == epoch0[::-1]
+    collator.epoch = 1
+    epoch1 = [collator.drops_thoughts(s) for s in samples]
+    assert epoch1 != epoch0 and 0.4 < sum(epoch1) / 400 < 0.6
+    other_seed = SFTCollator(qwen25, samples, thought_dropout=0.5, seed=4)
+    assert [other_seed.drops_thoughts(s) for s in samples] != epoch0
+    assert not any(SFTCollator(qwen25, samples, thought_dropout=0.0).drops_thoughts(s) for s in samples)
+
+
+def test_empty_thoughts_on_assistant_text_only():
+    messages = [{"role": "user", "content": "<think>u</think>"},
                 {"role": "assistant", "content": "<think>a\nb</think>x<think>c</think>"}]
-    results = [collator.drop_thoughts(messages)[1]["content"] for _ in range(400)]
-    assert set(results) == {messages[1]["content"], f"{EMPTY_THINK}x{EMPTY_THINK}"}
-    assert 0.4 < results.count(messages[1]["content"]) / 400 < 0.6
+    emptied = empty_thoughts(messages)
+    assert emptied[1]["content"] == f"{EMPTY_THINK}x{EMPTY_THINK}"
+    assert emptied[0]["content"] == "<think>u</think>"  # user text is never touched
     assert messages[1]["content"] == "<think>a\nb</think>x<think>c</think>"  # input not mutated
-    again = SFTCollator(collator.vlm, thought_dropout=0.5, seed=3)
-    assert [again.drop_thoughts(messages)[1]["content"] for _ in range(400)] == results
-    # user text is never touched
-    user_think = [{"role": "user", "content": "<think>u</think>"}, messages[1]]
-    assert SFTCollator(collator.vlm, 1.0).drop_thoughts(user_think)[0]["content"] == "<think>u</think>"
 
 
-def test_drop_thoughts_on_assistant_parts():
-    collator = SFTCollator(build_tiny_vlm("tiny-qwen2.5-vl", seed=0), thought_dropout=1.0)
+def test_empty_thoughts_on_assistant_parts():
     messages = [{"role": "user", "content": "q"},
                 {"role": "assistant", "content": [{"type": "text", "text": "<think>long</think><answer>1</answer>"}]}]
-    dropped = collator.drop_thoughts(messages)[1]["content"]
-    assert dropped == [{"type": "text", "text": f"{EMPTY_THINK}<answer>1</answer>"}]
+    assert empty_thoughts(messages)[1]["content"] == [{"type": "text", "text": f"{EMPTY_THINK}<answer>1</answer>"}]
 
 
 def test_collator_parts_content_and_multi_turn(qwen25, tmp_path):
@@ -242,24 +257,28 @@ def test_collator_parts_content_and_multi_turn(qwen25, tmp_path):
     path = tmp_path / "multi.jsonl"
     path.write_text(json.dumps({"images": record["images"], "messages": messages}) + "\n")
     (sample,) = read_jsonl(path).samples
-    batch = SFTCollator(qwen25)([sample])
+    batch = SFTCollator(qwen25, [sample])([sample])
     assert label_text(qwen25, batch["labels"][0]) == (
         "<answer>[11, 22, 56, 67]</answer><|im_end|><answer>[0, 0, 112, 112]</answer><|im_end|>")
 
 
-def test_collator_skips_and_counts_samples_whose_image_vanished(qwen25, tmp_path):
+def test_collator_replaces_and_counts_samples_whose_image_vanished(qwen25, tmp_path):
     samples = read_jsonl(synthesize("grounding", tmp_path, n=3, image_size=IMAGE_SIZE, progress=False)).samples
     Path(samples[1].images[0]).unlink()  # deleted after the data file was read and checked
-    collator = SFTCollator(qwen25)
+    collator = SFTCollator(qwen25, samples)
     batch = collator(samples)
     assert collator.skipped == 1
-    assert batch["input_ids"].shape[0] == 2
-    assert batch["image_grid_thw"].shape[0] == 2
-    for row, sample in enumerate((samples[0], samples[2])):
+    assert batch["input_ids"].shape[0] == 3 and batch["image_grid_thw"].shape[0] == 3  # the batch keeps its size
+    for row, sample in enumerate((samples[0], samples[2], samples[2])):  # the next sample that loads stands in
         expected = expected_box_text(qwen25, sample.response, (IMAGE_SIZE, IMAGE_SIZE))
         assert label_text(qwen25, batch["labels"][row]) == expected + "<|im_end|>"
-    collator(samples)
+    assert collator([samples[1]])["input_ids"].shape[0] == 1  # a batch of only broken samples is refilled too
     assert collator.skipped == 2
-    with pytest.raises(ValueError, match="every image of this batch failed to load"):
-        collator([samples[1]])
-    assert collator.skipped == 3
+
+
+def test_collator_stops_when_no_image_of_the_data_loads(qwen25, tmp_path):
+    samples = read_jsonl(synthesize("grounding", tmp_path, n=2, image_size=IMAGE_SIZE, progress=False)).samples
+    for sample in samples:
+        Path(sample.images[0]).unlink()
+    with pytest.raises(TrainingStopped, match="all 2 failed"):
+        SFTCollator(qwen25, samples)(samples[:1])

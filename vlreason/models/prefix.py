@@ -15,6 +15,7 @@ past the largest prompt position, on all three axes.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -33,9 +34,10 @@ class SharedPrefix:
     def __init__(self, model: PreTrainedModel, inputs: BatchFeature | dict[str, torch.Tensor]):
         """Run the prompts (``input_ids`` ``[B, Lp]`` left-padded, with their pixels) once."""
         self.model = model
+        self.cache_kwarg = cache_kwarg(model)
         positions = prompt_positions(model, inputs)  # [3, B, Lp]
         output = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-        self.cache = output.past_key_values
+        self.cache = getattr(output, self.cache_kwarg)
         self.last_logits = output.logits[:, -1]  # [B, V]
         self.attention_mask = inputs["attention_mask"]
         self.next_position = positions.amax(dim=(0, 2)) + 1  # [B]
@@ -62,7 +64,7 @@ class SharedPrefix:
         positions = (self.next_position[:, None] + steps).unsqueeze(0).expand(3, -1, -1)  # [3, rows, T]
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], dim=1)
         output = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=True)
+                            use_cache=True, **{self.cache_kwarg: self.cache})
         predicting = torch.cat([self.last_logits[:, None], output.logits[:, :-1]], dim=1)
         self.last_logits = output.logits[:, -1]
         self.next_position = self.next_position + tokens.shape[1]
@@ -80,6 +82,13 @@ def prompt_positions(model: PreTrainedModel, inputs: BatchFeature | dict[str, to
         attention_mask=inputs["attention_mask"],
     )
     return position_ids
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The name of the KV-cache argument and output: transformers renamed ``past_key_values`` to
+    ``cache`` (5.2x deprecates the old name; 5.17 knows only the old one)."""
+    forward = inspect.signature(_vl_core(model).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

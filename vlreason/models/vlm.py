@@ -32,7 +32,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vlreason.data.schema import Message, map_assistant_text
 from vlreason.models.adapters import ChatStyle, FamilyAdapter, adapter_for
 from vlreason.models.tiny import TINY_PRESETS, TinySpec, tiny_config, tiny_tokenizer
-from vlreason.vision.boxes import Box
+from vlreason.vision.boxes import Box, Size
 from vlreason.vision.images import ImageInfo, ResizePolicy, fit_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,6 +108,18 @@ class VLM:
         inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
         return inputs, [infos for _, infos in fitted]
 
+    def token_counts(self, conversations: Sequence[Sequence[Message]], image_sizes: Sequence[Sequence[Size]],
+                     add_generation_prompt: bool = True) -> list[int]:
+        """Tokens each conversation takes as model input, image tokens included, without loading
+        any pixels: the rendered text's tokens plus, per image, the merged patches of its
+        model-input size minus the one placeholder token the text already counts."""
+        texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
+        text_tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        factor = self.adapter.factor
+        image_tokens = [sum(w * h // factor**2 - 1 for w, h in map(self.resize.target_size, sizes))
+                        for sizes in image_sizes]
+        return [len(ids) + extra for ids, extra in zip(text_tokens, image_tokens, strict=True)]
+
     def box_decoder(self, infos: Sequence[ImageInfo]) -> Callable[[Sequence[float]], Box] | None:
         """Parses this family's box coordinates for a sample's first image into original pixels
         (None for a sample without images)."""
@@ -170,8 +182,13 @@ def load_vlm(
         name, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map
     )
     size_overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    image_processor = AutoImageProcessor.from_pretrained(name, **size_overrides)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name, **size_overrides)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ValueError(f"{name} holds model weights but no image processor or tokenizer files ({exc}); a model "
+                         "folder needs preprocessor_config.json and the tokenizer files too: save it with "
+                         "vlreason (a stage's final/) or with save_pretrained of the processor as well") from exc
     tokenizer.padding_side = "left"
     return _assemble(model, adapter, image_processor, tokenizer)
 

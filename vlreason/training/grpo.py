@@ -12,11 +12,13 @@ One step (``GRPOTrainer.step``):
    frozen reference (when beta > 0; for LoRA the base model with the adapters switched off);
 6. mu times: policy log-probs with gradients, loss, backward, skip the update if the loss or the
    gradient is not finite, clip, optimizer step;
-7. log, dump rollouts, checkpoint.
+7. log, dump rollouts, checkpoint; the learning-rate schedule advances once per step (not once
+   per update), so mu > 1 keeps the schedule of ``optim.max_steps`` steps.
 
 Every prompt is run once for its G completions (``vlreason.models.prefix``), in sampling as in
 the log-prob passes. Checkpoints hold the trainable weights, optimizer, scheduler, prompt
-order position and step, so ``resume`` continues the same run exactly.
+order position, step and RNG state, so ``resume`` continues the same run exactly; one is also
+written at the end, so a finished run can be continued to a larger ``optim.max_steps``.
 """
 
 from __future__ import annotations
@@ -39,16 +41,26 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from vlreason.config import StageConfig, final_checkpoint
-from vlreason.data.jsonl import read_jsonl
 from vlreason.models.prefix import completion_logits, token_entropy, token_logprobs
-from vlreason.rewards.api import check_columns, get_reward
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, policy_loss
 from vlreason.rollout.engine import SamplingParams, build_engine
 from vlreason.training import TrainingStopped
-from vlreason.training.checkpoints import checkpoint_step, latest_checkpoint, prune_checkpoints
+from vlreason.training.checkpoints import (
+    check_same_data,
+    checkpoint_step,
+    data_fingerprint,
+    disk_full,
+    latest_checkpoint,
+    prune_checkpoints,
+    remove_incomplete,
+    write_marker,
+    write_stage_record,
+)
+from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics
 from vlreason.training.model_setup import prepare_model, save_final
+from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
 from vlreason.training.sft import StageResult
 
@@ -66,26 +78,26 @@ class UpdateStats:
     skipped: bool
 
 
-def run_grpo(stage: StageConfig, resume: bool = False) -> StageResult:
+def run_grpo(stage: StageConfig, resume: bool = False, inputs: StageInputs | None = None) -> StageResult:
     """Train ``stage`` (kind ``grpo``) and save ``output_dir/final``."""
-    trainer = GRPOTrainer(stage)
+    trainer = GRPOTrainer(stage, inputs)
     if resume:
         trainer.resume()
     return trainer.train()
 
 
 class GRPOTrainer:
-    def __init__(self, stage: StageConfig):
+    def __init__(self, stage: StageConfig, inputs: StageInputs | None = None):
+        """``inputs``: the stage's validated data and rewards (read here when not given)."""
         self.stage = stage
+        inputs = inputs or stage_inputs(stage)
         self.out = Path(stage.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.vlm = prepare_model(stage.model, stage.seed)
         self.model = self.vlm.model
-        data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
-        rewards = {name: get_reward(spec.fn or name, **spec.options)
-                   for name, spec in stage.rewards.items()}
-        check_columns(rewards, data.columns, stage.data.train)
-        self.stream = PromptStream(data.samples[: stage.data.max_samples], stage.seed)
+        samples = fit_length(self.vlm, inputs.samples, stage)
+        self.stream = PromptStream(samples, stage.seed)
+        self.data_fingerprint = data_fingerprint(samples)
         self.reference = self._reference_model()
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=stage.optim.learning_rate,
@@ -93,10 +105,11 @@ class GRPOTrainer:
         self.scheduler = get_scheduler(stage.optim.scheduler.value, self.optimizer,
                                        num_warmup_steps=stage.optim.warmup_steps,
                                        num_training_steps=stage.optim.max_steps)
-        rollout = stage.rollout
+        rollout, algorithm = stage.rollout, stage.algorithm
+        scorer = RewardScorer(inputs.rewards, algorithm.on_reward_error, timeout_s=algorithm.reward_timeout_s)
         self.sampler = GroupSampler(
-            self.vlm, build_engine(rollout.engine, self.vlm), RewardScorer(rewards, stage.algorithm.on_reward_error),
-            torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(data.columns),
+            self.vlm, build_engine(rollout.engine, self.vlm), scorer,
+            torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
             stage.algorithm.scale_rewards, time.perf_counter)
@@ -104,33 +117,46 @@ class GRPOTrainer:
         self.bad_in_row = 0
         self.train_seconds = 0.0
         self.resumed_from: int | None = None
+        self.saved_step: int | None = None
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def train(self) -> StageResult:
-        optim, log = self.stage.optim, self.stage.logging
-        metrics = MetricsLog(self.out, log.tensorboard, resume_step=self.resumed_from)
+        """Run steps until ``optim.max_steps`` (or the time budget); Ctrl-C saves a checkpoint and
+        raises ``TrainingInterrupted``. Returns the final model's path and what was done."""
+        optim = self.stage.optim
+        metrics = MetricsLog(self.out, self.stage.logging.tensorboard, resume_step=self.resumed_from)
+        keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from or 0)  # steps about to run again
         bar = tqdm(total=optim.max_steps, initial=self.step_count, desc=f"grpo {self.stage.name}",
-                   disable=not log.progress, unit="step")
+                   disable=not self.stage.logging.progress, unit="step", dynamic_ncols=True)
         try:
-            while self.step_count < optim.max_steps and not self._out_of_time():
-                started = time.perf_counter()
-                values = self.step()
-                self.train_seconds += time.perf_counter() - started
-                values["time/step"] = time.perf_counter() - started
-                self.step_count += 1
-                if self.step_count % log.log_every == 0:
-                    metrics.write(self.step_count, values)
-                bar.update(1)
-                bar.set_postfix(reward=f"{values['reward/total']:.3f}", kl=f"{values['kl']:.4f}")
-                if self.stage.save.every and self.step_count % self.stage.save.every == 0:
-                    self.save_checkpoint()
+            with catch_interrupt() as interrupt:
+                while self.step_count < optim.max_steps and not self._out_of_time():
+                    self._run_step(metrics, bar)
+                    if interrupt.requested:
+                        raise TrainingInterrupted(self.stage.name, self.step_count, self.save_checkpoint())
         finally:
             bar.close()
             metrics.close()
+        if self.saved_step != self.step_count:
+            self.save_checkpoint()  # so that a larger max_steps can continue this run
         final = save_final(self.vlm, final_checkpoint(self.out))
+        write_stage_record(self.out, self.step_count, self.train_seconds)
         self.plot()
         return StageResult(final_path=final, steps=self.step_count, seconds=self.train_seconds)
+
+    def _run_step(self, metrics: MetricsLog, bar: tqdm) -> None:
+        started = time.perf_counter()
+        values = self.step()
+        self.train_seconds += time.perf_counter() - started
+        values["time/step"] = time.perf_counter() - started
+        self.step_count += 1
+        if self.step_count % self.stage.logging.log_every == 0:
+            metrics.write(self.step_count, values)
+        bar.update(1)
+        bar.set_postfix(reward=f"{values['reward/total']:.3f}", kl=f"{values['kl']:.4f}")
+        if self.stage.save.every and self.step_count % self.stage.save.every == 0:
+            self.save_checkpoint()
 
     def step(self) -> dict[str, Any]:
         """One GRPO step (numbered as in the module docstring); returns what to log."""
@@ -147,14 +173,16 @@ class GRPOTrainer:
         masks = [self._loss_mask(part) for part in batch.parts]
         old = [self._logprobs(part, self.model) for part in batch.parts] if algorithm.num_iterations > 1 else None
         ref = [self._reference_logprobs(part) for part in batch.parts] if algorithm.beta > 0 else None
-        # step 6: mu policy updates on the same samples
+        # step 6: mu policy updates on the same samples, all at this step's learning rate
         self.model.train()
+        learning_rate = self.scheduler.get_last_lr()[0]
         updates = [self._update(batch, masks, old, ref) for _ in range(algorithm.num_iterations)]
+        self.scheduler.step()
         train_s = time.perf_counter() - train_start
         # step 7: what to log
         if self.stage.logging.rollouts_every and self.step_count % self.stage.logging.rollouts_every == 0:
             self._dump_rollouts(batch)
-        return self._step_metrics(batch, updates, train_s)
+        return {**self._step_metrics(batch, updates, train_s), "learning_rate": learning_rate}
 
     def _update(self, batch: SampledBatch, masks: list[torch.Tensor], old: list[torch.Tensor] | None,
                 ref: list[torch.Tensor] | None) -> UpdateStats:
@@ -190,7 +218,6 @@ class GRPOTrainer:
         else:
             self.optimizer.step()
             self.bad_in_row = 0
-        self.scheduler.step()
         return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, skipped)
 
     def _skip_update(self, loss: float, grad_norm: float) -> None:
@@ -264,7 +291,6 @@ class GRPOTrainer:
             "kl": last.kl,
             "clip_fraction": last.clip_fraction,
             "entropy": last.entropy,
-            "learning_rate": self.scheduler.get_last_lr()[0],
             "skipped_updates": float(sum(u.skipped for u in updates)),
             "groups/sampled": float(batch.sampled_groups),
             "groups/kept": float(batch.kept_groups),
@@ -276,10 +302,6 @@ class GRPOTrainer:
         }
 
     def _why_no_groups(self, batch: SampledBatch) -> str:
-        if batch.sampled_groups == 0:
-            return (f"step {self.step_count + 1}: no prompt of the last {batch.draws} batch(es) could be loaded "
-                    f"({batch.skipped_samples} skipped; see the warnings above). Check the data with "
-                    "`vlreason data check`.")
         return (f"step {self.step_count + 1}: dynamic sampling dropped all {batch.sampled_groups} groups of "
                 f"{batch.draws} prompt batch(es): within every group all completions got the same reward, so "
                 "there is nothing to learn from. The task may be too easy or too hard for the model now; raise "
@@ -313,28 +335,37 @@ class GRPOTrainer:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>`` atomically (a temporary folder renamed into place)."""
+        """Write ``checkpoint-<step>`` atomically: into a temporary folder, marked complete, then
+        renamed into place (see ``vlreason.training.checkpoints``)."""
         path = self.out / f"checkpoint-{self.step_count}"
         tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
         state = {"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step_count, "stream": self.stream.state(), "bad_in_row": self.bad_in_row,
                  "train_seconds": self.train_seconds, "torch_rng": torch.get_rng_state()}
-        torch.save(state, tmp / STATE_FILE)
-        with (tmp / STATE_FILE).open("rb") as handle:
-            os.fsync(handle.fileno())
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / STATE_FILE)
+            with (tmp / STATE_FILE).open("rb") as handle:
+                os.fsync(handle.fileno())
+            write_marker(tmp, {"step": self.step_count, "data": self.data_fingerprint})
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise (disk_full(exc, tmp) or exc) from exc
         prune_checkpoints(self.out, self.stage.save.keep)
+        self.saved_step = self.step_count
         return path
 
     def resume(self) -> None:
-        """Load the newest checkpoint of this stage, if there is one."""
+        """Load the newest complete checkpoint of this stage, if there is one."""
+        remove_incomplete(self.out)
         path = latest_checkpoint(self.out)
         if path is None:
             return
+        check_same_data(path, self.stream.samples, self.stage.data.train)
         state = torch.load(path / STATE_FILE, weights_only=False)
         missing = set(name for name, p in self.model.named_parameters() if p.requires_grad) - set(state["model"])
         if missing:
@@ -348,5 +379,4 @@ class GRPOTrainer:
         self.bad_in_row = state["bad_in_row"]
         self.train_seconds = state["train_seconds"]
         torch.set_rng_state(state["torch_rng"])
-        self.resumed_from = checkpoint_step(path)
-        keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from)
+        self.resumed_from = self.saved_step = checkpoint_step(path)

@@ -7,6 +7,7 @@ to the steps that are about to be run again), so each file always tells one hist
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -47,18 +50,35 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (empty when it does not exist)."""
+    """The records of a per-step JSONL log (``metrics.jsonl``, ``rollouts.jsonl``); empty when it
+    does not exist. A line that a kill or a full disk cut short is left out with a warning."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            logger.warning("%s:%d: not a complete log record (cut off by a kill or a full disk?); left out",
+                           path, number)
+            continue
+        records.append(record)
+    return records
 
 
 def keep_steps_upto(path: str | Path, step: int) -> None:
-    """Rewrite a per-step JSONL log without the records after ``step`` (they will be run again)."""
+    """Rewrite a per-step JSONL log with only the complete records up to ``step`` (later steps
+    are about to run again), atomically."""
     path = Path(path)
     kept = [r for r in read_metrics(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], keys: Sequence[str], out: str | Path, title: str,

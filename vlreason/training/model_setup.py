@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from vlreason.config import ModelConfig
 from vlreason.models.vlm import VLM, load_vlm, save_vlm
+from vlreason.training.checkpoints import disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +51,24 @@ def save_final(vlm: VLM, path: str | Path) -> Path:
     ``path`` and renamed into place, so a crash never leaves a half-written model there."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = vlm.model
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()  # a plain model that load_vlm and transformers read
-    save_vlm(VLM(model=model, processor=vlm.processor, adapter=vlm.adapter, resize=vlm.resize), tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_vlm(VLM(model=model, processor=vlm.processor, adapter=vlm.adapter, resize=vlm.resize), tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise (disk_full(exc, tmp) or exc) from exc
     return path
+
+
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load the weights ``Trainer`` saved in ``checkpoint`` into ``model`` (LoRA: the adapters)."""
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        return
+    saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+    model.load_state_dict(saved.state_dict())

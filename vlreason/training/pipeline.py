@@ -1,10 +1,15 @@
 """Run the stages of a config in order, each starting from the previous stage's final model.
 
+Before any stage trains, the whole config is checked (``preflight.check_pipeline``): data,
+rewards and output folders of every stage. The run holds a lock on ``output_dir`` throughout.
 Per stage: train, save ``<output_dir>/<stage>/final``, then evaluate it on ``data.eval`` (if
 set) into ``<stage>/eval.json`` and ``eval.md``. The resolved config is saved as
 ``<output_dir>/config.yaml`` and a summary of every stage as ``<output_dir>/pipeline.json``.
-With ``resume``, finished stages (those with a ``final`` model) are skipped and the running
-stage continues from its newest checkpoint.
+
+An output folder holding an earlier run is refused unless ``resume`` (continue it) or
+``overwrite`` (delete its outputs first) says what to do. With ``resume``, stages that reached
+their ``optim.max_steps`` are skipped and the first unfinished one continues from its newest
+checkpoint (a finished stage whose ``max_steps`` was raised counts as unfinished).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from vlreason.config import PipelineConfig, StageConfig, StageKind, as_dict, fin
 from vlreason.eval import evaluate, write_report
 from vlreason.models.vlm import load_vlm
 from vlreason.training.grpo import run_grpo
+from vlreason.training.preflight import StageInputs, check_pipeline, stage_finished
+from vlreason.training.run_dir import RunLock
 from vlreason.training.sft import StageResult, run_sft
 
 logger = logging.getLogger(__name__)
@@ -36,29 +43,33 @@ class StageOutcome:
     eval: dict[str, Any] | None
 
 
-def run_pipeline(config: PipelineConfig, resume: bool = False) -> list[StageOutcome]:
+def run_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool = False) -> list[StageOutcome]:
+    """Check the whole config, then train and evaluate its stages in order (see the module docstring)."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
-    outcomes = []
-    for stage in config.stages:
-        final = Path(final_checkpoint(stage.output_dir))
-        if resume and final.is_dir():
-            logger.info("stage %s finished earlier (%s); skipping it", stage.name, final)
-            outcomes.append(StageOutcome(stage.name, stage.kind.value, str(final), None, None, _read_eval(stage)))
-            continue
-        logger.info("stage %s (%s) -> %s", stage.name, stage.kind.value, stage.output_dir)
-        result = run_stage(stage, resume)
-        outcomes.append(StageOutcome(stage.name, stage.kind.value, str(result.final_path), result.steps,
-                                     round(result.seconds, 2), evaluate_stage(stage)))
-    (out / "pipeline.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
+    with RunLock(out):
+        inputs = check_pipeline(config, resume, overwrite)
+        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
+        outcomes = [_run_or_skip(stage, resume, inputs[stage.name]) for stage in config.stages]
+        (out / "pipeline.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
     return outcomes
 
 
-def run_stage(stage: StageConfig, resume: bool = False) -> StageResult:
+def _run_or_skip(stage: StageConfig, resume: bool, inputs: StageInputs) -> StageOutcome:
+    final = Path(final_checkpoint(stage.output_dir))
+    if resume and stage_finished(stage):
+        logger.info("stage %s finished earlier (%s); skipping it", stage.name, final)
+        return StageOutcome(stage.name, stage.kind.value, str(final), None, None, _read_eval(stage))
+    logger.info("stage %s (%s) -> %s", stage.name, stage.kind.value, stage.output_dir)
+    result = run_stage(stage, resume, inputs)
+    return StageOutcome(stage.name, stage.kind.value, str(result.final_path), result.steps,
+                        round(result.seconds, 2), evaluate_stage(stage))
+
+
+def run_stage(stage: StageConfig, resume: bool = False, inputs: StageInputs | None = None) -> StageResult:
+    """Train one stage (its inputs are read and checked here when not given)."""
     if stage.kind is StageKind.SFT:
-        return run_sft(stage, resume)
-    return run_grpo(stage, resume)
+        return run_sft(stage, resume, inputs)
+    return run_grpo(stage, resume, inputs)
 
 
 def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from vlreason.models.vlm import VLM
 from vlreason.rewards.scoring import RewardScorer, RewardTable, dataset_columns, parsed_columns
 from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
 from vlreason.rollout.engine import RolloutEngine, Rollouts, SamplingParams
+from vlreason.training import TrainingStopped
 from vlreason.vision.images import ImageInfo
 
 logger = logging.getLogger(__name__)
@@ -118,11 +119,8 @@ class GroupSampler:
         draws_allowed = 1 + (max_refills if dynamic else 0)
         while out.kept_groups < batch_size and out.draws < draws_allowed:
             needed = batch_size - out.kept_groups if dynamic else batch_size
-            samples, images, skipped = load_sample_images(stream.take(needed))
-            out.skipped_samples += skipped
+            samples, images = self._load_prompts(stream, needed, out)
             out.draws += 1
-            if not samples:
-                continue
             part = self._sample_part(samples, images, seed * 1000 + out.draws, out)
             if dynamic:
                 part = self._drop_flat_groups(part, images)
@@ -130,6 +128,28 @@ class GroupSampler:
                 out.parts.append(part)
                 out.kept_groups += part.num_prompts
         return out
+
+    def _load_prompts(self, stream: PromptStream, n: int, out: SampledBatch
+                      ) -> tuple[list[Sample], list[list[Image.Image]]]:
+        """The next ``n`` prompts whose images load; a sample whose image fails is skipped (counted in
+        ``out``) and replaced by the next one, so one broken file never empties a batch.
+
+        Raises:
+            TrainingStopped: a whole pass over the data failed to load.
+        """
+        samples: list[Sample] = []
+        images: list[list[Image.Image]] = []
+        failed_in_row = 0
+        while len(samples) < n:
+            kept, loaded, skipped = load_sample_images(stream.take(n - len(samples)))
+            samples += kept
+            images += loaded
+            out.skipped_samples += skipped
+            failed_in_row = 0 if kept else failed_in_row + skipped
+            if failed_in_row >= len(stream.samples):
+                raise TrainingStopped(f"the images of {failed_in_row} prompts in a row failed to load, as many as the "
+                                      "data holds (see the warnings above); check the files with `vlreason data check`")
+        return samples, images
 
     def _sample_part(self, samples: list[Sample], images: list[list[Image.Image]], seed: int,
                      out: SampledBatch) -> GroupBatch:
@@ -156,7 +176,8 @@ class GroupSampler:
         g = self.group_size
         decoders = [self.vlm.box_decoder(row) for row in infos for _ in range(g)]
         columns = dataset_columns(samples, self.data_columns, repeat=g)
-        columns |= parsed_columns(rollouts.texts, [s.image_sizes for s in samples for _ in range(g)], decoders)
+        columns |= parsed_columns(rollouts.texts, [s.image_sizes for s in samples for _ in range(g)], decoders,
+                                  rollouts.truncated.tolist())
         columns["prompts"] = [s.prompt_messages for s in samples for _ in range(g)]
         columns["completion_ids"] = [ids[mask.bool()].tolist() for ids, mask in
                                      zip(rollouts.completion_ids, rollouts.completion_mask, strict=True)]

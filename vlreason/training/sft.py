@@ -7,12 +7,17 @@ are rewritten into the family's own convention before tokenizing, so the model l
 boxes the way its family does.
 
 Thought dropout (TON, "Think or Not"): with probability p a response's ``<think>`` block is
-replaced by an empty one, teaching the model that thinking may be skipped.
+replaced by an empty one, teaching the model that thinking may be skipped. Which presentations
+drop their thoughts depends only on the seed, the epoch and the sample, so resuming is exact.
+
+Checkpoints are ``Trainer``'s, made safe for resuming by ``StageCallback``: a marker declares a
+checkpoint complete once ``Trainer`` has written it (see ``vlreason.training.checkpoints``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import time
@@ -22,16 +27,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from PIL import Image
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from vlreason.config import StageConfig, final_checkpoint
 from vlreason.data.batch import load_sample_images
-from vlreason.data.jsonl import read_jsonl
 from vlreason.data.schema import Message, Sample, map_assistant_text
 from vlreason.models.vlm import VLM
-from vlreason.training.checkpoints import checkpoint_step, latest_checkpoint
+from vlreason.training import TrainingStopped
+from vlreason.training.checkpoints import (
+    check_same_data,
+    checkpoint_step,
+    data_fingerprint,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_marker,
+    remove_incomplete,
+    write_marker,
+    write_stage_record,
+)
+from vlreason.training.interrupt import InterruptFlag, TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog
-from vlreason.training.model_setup import prepare_model, save_final
+from vlreason.training.model_setup import load_checkpoint_weights, prepare_model, save_final
+from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -48,30 +66,69 @@ class StageResult:
     seconds: float  # training time, without loading and saving
 
 
-def run_sft(stage: StageConfig, resume: bool = False) -> StageResult:
-    """Train ``stage`` (kind ``sft``) and save ``output_dir/final``."""
-    vlm = prepare_model(stage.model, stage.seed)
-    data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
-    samples = data.samples[: stage.data.max_samples]
-    missing = [s.source for s in samples if s.response is None]
-    if missing:
-        raise ValueError(f"SFT needs a reference response in every sample; {len(missing)} have none "
-                         f"(first: {missing[0]}). Add 'response' (or a final assistant message).")
+def run_sft(stage: StageConfig, resume: bool = False, inputs: StageInputs | None = None) -> StageResult:
+    """Train ``stage`` (kind ``sft``) and save ``output_dir/final``.
+
+    ``inputs``: the stage's validated data (read here when not given). With ``resume``, training
+    continues from the newest complete checkpoint; one taken at ``optim.max_steps`` (a kill came
+    after the last save but before ``final/``) only needs the final model written.
+    """
+    inputs = inputs or stage_inputs(stage)
     out = Path(stage.output_dir)
-    clock = WallClock(stage.optim.time_budget_s)
-    checkpoint = latest_checkpoint(out) if resume else None
-    trainer = Trainer(
-        model=vlm.model,
-        args=training_arguments(stage),
-        train_dataset=SampleList(samples),
-        data_collator=SFTCollator(vlm, stage.data.thought_dropout, stage.seed),
-        callbacks=[clock, MetricsCallback(MetricsLog(out, stage.logging.tensorboard, checkpoint_step(checkpoint)))],
-    )
-    if not stage.logging.progress:
-        trainer.remove_callback(PrinterCallback)  # without a progress bar, Trainer prints every log dict
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    vlm = prepare_model(stage.model, stage.seed)
+    samples = fit_length(vlm, inputs.samples, stage)
+    checkpoint = _resume_point(out, samples, stage) if resume else None
+    clock = WallClock(stage.optim.time_budget_s, read_marker(checkpoint)["seconds"] if checkpoint else 0.0)
+    collator = SFTCollator(vlm, samples, stage.data.thought_dropout, stage.seed)
+    if checkpoint is not None and checkpoint_step(checkpoint) >= stage.optim.max_steps:
+        load_checkpoint_weights(vlm.model, checkpoint)
+        steps = checkpoint_step(checkpoint)
+    else:
+        steps = _train(stage, vlm, samples, collator, clock, checkpoint)
     final = save_final(vlm, final_checkpoint(out))
-    return StageResult(final_path=final, steps=trainer.state.global_step, seconds=clock.elapsed)
+    write_stage_record(out, steps, clock.elapsed)
+    return StageResult(final_path=final, steps=steps, seconds=clock.elapsed)
+
+
+def _resume_point(out: Path, samples: list[Sample], stage: StageConfig) -> Path | None:
+    remove_incomplete(out)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        check_same_data(checkpoint, samples, stage.data.train)
+    return checkpoint
+
+
+def _train(stage: StageConfig, vlm: VLM, samples: list[Sample], collator: SFTCollator, clock: WallClock,
+           checkpoint: Path | None) -> int:
+    """Run ``Trainer`` (from ``checkpoint`` when given); returns the steps done. Ctrl-C saves a
+    checkpoint and raises ``TrainingInterrupted``."""
+    out = Path(stage.output_dir)
+    log = MetricsLog(out, stage.logging.tensorboard, checkpoint_step(checkpoint))
+    with catch_interrupt() as interrupt:
+        callback = StageCallback(stage, collator, clock, log, data_fingerprint(samples), interrupt)
+        trainer = VLTrainer(model=vlm.model, args=training_arguments(stage), train_dataset=SampleList(samples),
+                            data_collator=collator, callbacks=[clock, callback])
+        trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, not the terminal
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(QuietProgress())
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            log.close()
+    step = trainer.state.global_step
+    if interrupt.requested:
+        raise TrainingInterrupted(stage.name, step, out / f"checkpoint-{step}")
+    return step
+
+
+class VLTrainer(Trainer):
+    """``Trainer`` that resumes Qwen-VL weights correctly. ``save_pretrained`` writes checkpoints in
+    the hub's key layout (``visual.*``, ``model.*``), and ``Trainer``'s own resume loads them
+    without converting the keys back, so it loads nothing and warns (transformers#43701);
+    ``from_pretrained`` converts them."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        load_checkpoint_weights(model or self.model, Path(resume_from_checkpoint))
 
 
 def training_arguments(stage: StageConfig) -> TrainingArguments:
@@ -87,8 +144,8 @@ def training_arguments(stage: StageConfig) -> TrainingArguments:
         max_grad_norm=optim.max_grad_norm,
         logging_steps=log.log_every,
         save_steps=stage.save.every or optim.max_steps,
-        save_total_limit=stage.save.keep,
-        report_to=[],  # MetricsCallback writes metrics.jsonl and TensorBoard like the GRPO stage
+        save_total_limit=None,  # StageCallback prunes complete checkpoints only, by step
+        report_to=[],  # StageCallback writes metrics.jsonl and TensorBoard like the GRPO stage
         disable_tqdm=not log.progress,
         seed=stage.seed,
         remove_unused_columns=False,  # the collator needs whole samples
@@ -111,12 +168,23 @@ class SampleList(torch.utils.data.Dataset):
 
 
 class SFTCollator:
-    """Samples -> model inputs with ``labels`` on assistant tokens only."""
+    """Samples -> model inputs with ``labels`` on assistant tokens only.
 
-    def __init__(self, vlm: VLM, thought_dropout: float = 0.0, seed: int = 0):
+    Args:
+        vlm: the model being trained (its adapter renders, its processor encodes).
+        data: the whole training set, in order: a sample whose image fails to load is replaced by
+            the next sample of ``data`` that loads (the skip is counted), so batches keep their size.
+        thought_dropout: the rate of ``<think>`` blocks emptied (TON).
+        seed: with the epoch and the sample, decides which thoughts are dropped.
+    """
+
+    def __init__(self, vlm: VLM, data: Sequence[Sample], thought_dropout: float = 0.0, seed: int = 0):
         self.vlm = vlm
+        self.data = list(data)
+        self.position = {sample.source: index for index, sample in enumerate(self.data)}
         self.thought_dropout = thought_dropout
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.epoch = 0  # set by StageCallback at each epoch's start
         tokenizer = vlm.tokenizer
         self.im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -124,20 +192,41 @@ class SFTCollator:
         self.skipped = 0
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        kept, images, skipped = load_sample_images(samples)
-        self.skipped += skipped
-        if not kept:
-            raise ValueError(f"every image of this batch failed to load ({', '.join(s.source for s in samples)})")
-        conversations = [self.drop_thoughts(s.messages) for s in kept]
-        inputs, _ = self.vlm.encode(conversations, images, add_generation_prompt=False, convert_boxes=True)
+        loaded = [self.load(sample) for sample in samples]
+        conversations = [empty_thoughts(s.messages) if self.drops_thoughts(s) else s.messages for s, _ in loaded]
+        inputs, _ = self.vlm.encode(conversations, [images for _, images in loaded], add_generation_prompt=False,
+                                    convert_boxes=True)
         inputs["labels"] = assistant_labels(inputs["input_ids"], self.im_start, self.header, self.im_end)
         return dict(inputs)
 
-    def drop_thoughts(self, messages: list[Message]) -> list[Message]:
-        """With probability ``thought_dropout``, empty the ``<think>`` blocks of assistant turns."""
-        if self.thought_dropout <= 0 or self.rng.random() >= self.thought_dropout:
-            return messages
-        return [map_assistant_text(m, lambda text: _THINK.sub(EMPTY_THINK, text)) for m in messages]
+    def load(self, sample: Sample) -> tuple[Sample, list[Image.Image]]:
+        """``sample`` with its images, or the first sample after it in ``data`` whose images load.
+
+        Raises:
+            TrainingStopped: no sample of the data loads.
+        """
+        start = self.position.get(sample.source, 0)
+        for offset in range(len(self.data)):
+            candidate = sample if offset == 0 else self.data[(start + offset) % len(self.data)]
+            kept, images, skipped = load_sample_images([candidate])
+            self.skipped += skipped
+            if kept:
+                return candidate, images[0]
+        raise TrainingStopped(f"no sample's images could be loaded, all {len(self.data)} failed (see the warnings "
+                              "above); check the files with `vlreason data check`")
+
+    def drops_thoughts(self, sample: Sample) -> bool:
+        """Whether this epoch's presentation of ``sample`` has its thoughts dropped: a function of
+        the seed, the epoch and the sample alone, so a resumed run decides exactly as an
+        uninterrupted one."""
+        if self.thought_dropout <= 0:
+            return False
+        return random.Random(f"{self.seed}:{self.epoch}:{sample.source}").random() < self.thought_dropout
+
+
+def empty_thoughts(messages: list[Message]) -> list[Message]:
+    """``messages`` with the ``<think>`` blocks of assistant turns emptied."""
+    return [map_assistant_text(m, lambda text: _THINK.sub(EMPTY_THINK, text)) for m in messages]
 
 
 def assistant_labels(input_ids: torch.Tensor, im_start: int, header: Sequence[int], im_end: int) -> torch.Tensor:
@@ -166,18 +255,20 @@ def assistant_labels(input_ids: torch.Tensor, im_start: int, header: Sequence[in
 
 
 class WallClock(TrainerCallback):
-    """Measures training time and stops (with a save) once ``budget_s`` is spent."""
+    """Measures training time (continuing ``start_s`` of earlier sessions of the run) and stops,
+    with a save, once ``budget_s`` is spent."""
 
-    def __init__(self, budget_s: float | None):
+    def __init__(self, budget_s: float | None, start_s: float = 0.0):
         self.budget_s = budget_s
-        self.started = 0.0
-        self.elapsed = 0.0
+        self.start_s = start_s
+        self.started = time.perf_counter()
+        self.elapsed = start_s
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self.elapsed = time.perf_counter() - self.started
+        self.elapsed = self.start_s + time.perf_counter() - self.started
         if self.budget_s is not None and self.elapsed >= self.budget_s:
             logger.info("time budget of %.0f s reached at step %d", self.budget_s, state.global_step)
             control.should_training_stop = True
@@ -185,12 +276,47 @@ class WallClock(TrainerCallback):
         return control
 
 
-class MetricsCallback(TrainerCallback):
-    """Copies the Trainer's log lines into the stage's ``metrics.jsonl``."""
+class StageCallback(TrainerCallback):
+    """What vlreason adds to ``Trainer``: metrics in ``metrics.jsonl`` (with skipped samples),
+    the epoch for thought dropout, Ctrl-C as save-and-stop, and complete-checkpoint markers with
+    pruning by step."""
 
-    def __init__(self, log: MetricsLog):
+    def __init__(self, stage: StageConfig, collator: SFTCollator, clock: WallClock, log: MetricsLog,
+                 fingerprint: dict[str, Any], interrupt: InterruptFlag):
+        self.stage = stage
+        self.collator = collator
+        self.clock = clock
         self.log = log
+        self.fingerprint = fingerprint
+        self.interrupt = interrupt
+        self.skipped_logged = 0
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.collator.epoch = math.floor(state.epoch + 1e-6)  # a resumed epoch starts mid-way (e.g. 2.25)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.interrupt.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs:
-            self.log.write(state.global_step, {k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        if not logs:
+            return
+        values = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        values["data/skipped_samples"] = float(self.collator.skipped - self.skipped_logged)
+        self.skipped_logged = self.collator.skipped
+        self.log.write(state.global_step, values)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        write_marker(folder, {"step": state.global_step, "data": self.fingerprint, "seconds": self.clock.elapsed})
+        prune_checkpoints(args.output_dir, self.stage.save.keep)
+
+
+class QuietProgress(ProgressCallback):
+    """Trainer's progress bar (steps, ETA) with the loss beside it instead of a printed dict per log."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")

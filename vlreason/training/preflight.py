@@ -1,0 +1,164 @@
+"""Everything a run needs, checked before any stage spends compute.
+
+``check_pipeline`` runs before the first stage trains: the output folders (writable, not
+holding an earlier run unless told to resume or overwrite it), and for every stage its
+training data (read and validated once, then handed to the stage), its evaluation data, its
+rewards with their options and plugin files, and the data columns each reward needs. A mistake
+in the last stage is reported before the first one starts.
+
+``fit_length`` runs once a stage's model is loaded (it needs the tokenizer): samples longer
+than ``data.max_tokens`` are a data problem like any other (stop, or skip and count).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlreason.config import ConfigError, PipelineConfig, StageConfig, StageKind, final_checkpoint
+from vlreason.data.jsonl import DataError, DataProblem, OnBadSample, read_jsonl
+from vlreason.data.schema import Sample
+from vlreason.models.vlm import VLM
+from vlreason.rewards.api import RewardFn, check_columns, get_reward
+from vlreason.training.checkpoints import checkpoint_step, checkpoints, read_stage_record
+from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageInputs:
+    """What a stage trains on, validated: the samples (``data.max_samples`` applied), the data's
+    column names and, for GRPO, the reward functions by name."""
+
+    samples: list[Sample]
+    columns: set[str]
+    rewards: dict[str, RewardFn] = field(default_factory=dict)
+
+
+def check_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool = False) -> dict[str, StageInputs]:
+    """Validate every stage of ``config`` and prepare the output folders.
+
+    Returns:
+        Each stage's inputs by stage name.
+
+    Raises:
+        ConfigError, DataError, PluginError, ValueError: with what to change.
+    """
+    _check_earlier_run(config, resume, overwrite)
+    for stage in config.stages:
+        ensure_writable_dir(Path(stage.output_dir), f"stages[{stage.name}].output_dir")
+    if resume:
+        _check_no_stale_stages(config)
+    return {stage.name: stage_inputs(stage) for stage in config.stages}
+
+
+def stage_inputs(stage: StageConfig) -> StageInputs:
+    """Read and validate one stage's data, evaluation data and rewards."""
+    where = f"stages[{stage.name}]"
+    data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
+    _refuse_video(data.video_sources, stage.data.train, f"{where}.data.train")
+    samples = data.samples[: stage.data.max_samples]
+    if stage.data.eval:
+        _refuse_video(read_jsonl(stage.data.eval).video_sources, stage.data.eval, f"{where}.data.eval")
+    rewards: dict[str, RewardFn] = {}
+    if stage.kind is StageKind.SFT:
+        _check_responses(samples)
+    else:
+        rewards = {name: get_reward(spec.fn or name, **spec.options) for name, spec in stage.rewards.items()}
+        check_columns(rewards, data.columns, stage.data.train)
+    return StageInputs(samples=samples, columns=data.columns, rewards=rewards)
+
+
+def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig) -> list[Sample]:
+    """The samples within ``data.max_tokens`` (the prompt for GRPO, the whole conversation for
+    SFT, image tokens counted); longer ones stop the run or are skipped per ``data.on_bad_sample``."""
+    limit = stage.data.max_tokens
+    if limit is None:
+        return samples
+    whole = stage.kind is StageKind.SFT
+    conversations = [s.messages if whole else s.prompt_messages for s in samples]
+    lengths = vlm.token_counts(conversations, [s.image_sizes for s in samples], add_generation_prompt=not whole)
+    too_long = [DataProblem(*_file_and_line(s.source), "messages" if whole else "prompt",
+                            f"{n} tokens (images included) exceed data.max_tokens={limit}; shorten the sample, "
+                            "lower model.max_pixels, or raise data.max_tokens")
+                for s, n in zip(samples, lengths, strict=True) if n > limit]
+    if not too_long:
+        return samples
+    if stage.data.on_bad_sample is OnBadSample.ERROR:
+        raise DataError(too_long)
+    for problem in too_long[:10]:
+        logger.warning("skipped: %s", problem)
+    logger.warning("skipped %d sample(s) longer than data.max_tokens=%d", len(too_long), limit)
+    kept = [s for s, n in zip(samples, lengths, strict=True) if n <= limit]
+    if not kept:
+        raise ValueError(f"every sample of {stage.data.train} is longer than data.max_tokens={limit}")
+    return kept
+
+
+def stage_finished(stage: StageConfig) -> bool:
+    """Whether the stage trained to its budget in an earlier run (its ``final`` model exists and
+    its record reaches ``optim.max_steps``, or it stopped on ``optim.time_budget_s``)."""
+    record = read_stage_record(stage.output_dir)
+    if record is None or not Path(final_checkpoint(stage.output_dir)).is_dir():
+        return False
+    budget = stage.optim.time_budget_s
+    return record["steps"] >= stage.optim.max_steps or (budget is not None and record["seconds"] >= budget)
+
+
+def _check_earlier_run(config: PipelineConfig, resume: bool, overwrite: bool) -> None:
+    found = earlier_run_outputs(Path(config.output_dir), [Path(s.output_dir) for s in config.stages])
+    if not found or resume:
+        return
+    if overwrite:
+        logger.warning("--overwrite: deleting the earlier run's outputs in %s (%d entries)", config.output_dir,
+                       len(found))
+        remove_run_outputs(found)
+        return
+    shown = ", ".join(str(p) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise ConfigError(f"output_dir {config.output_dir} holds an earlier run ({shown}). Continue it with --resume, "
+                      "start it over with --overwrite (deletes its checkpoints, logs and models), or choose another "
+                      "output_dir.")
+
+
+def _check_no_stale_stages(config: PipelineConfig) -> None:
+    """Resuming must not continue a stage after an earlier one trains further: it was trained
+    from the earlier stage's old model."""
+    pending = [i for i, stage in enumerate(config.stages) if _trains_further(stage)]
+    if not pending:
+        return
+    first = config.stages[pending[0]]
+    for later in config.stages[pending[0] + 1:]:
+        if stage_outputs(Path(later.output_dir)):
+            raise ConfigError(
+                f"resume: stage {first.name} will train further, but stage {later.name} already has outputs in "
+                f"{later.output_dir}, trained from {first.name}'s earlier model. Move that folder away (or delete "
+                f"it) so {later.name} trains again from the new model, then resume.")
+
+
+def _trains_further(stage: StageConfig) -> bool:
+    """Whether resuming will change the stage's model (a checkpoint at ``max_steps`` without a
+    ``final`` model, left by a kill between the two, only needs the final model written)."""
+    if stage_finished(stage):
+        return False
+    saved = checkpoints(stage.output_dir)
+    return not saved or checkpoint_step(saved[-1]) < stage.optim.max_steps
+
+
+def _refuse_video(sources: list[str], path: str, key: str) -> None:
+    if sources:
+        raise ValueError(f"{key}: {path} has {len(sources)} sample(s) with videos (first: {sources[0]}); the "
+                         "training and evaluation stages cannot read video yet. Leave those samples out.")
+
+
+def _check_responses(samples: list[Sample]) -> None:
+    missing = [s.source for s in samples if s.response is None]
+    if missing:
+        raise ValueError(f"SFT needs a reference response in every sample; {len(missing)} have none "
+                         f"(first: {missing[0]}). Add 'response' (or a final assistant message).")
+
+
+def _file_and_line(source: str) -> tuple[str, int]:
+    path, _, line = source.rpartition(":")
+    return path, int(line)
