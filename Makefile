@@ -1,18 +1,22 @@
 # vlreason: every target sets up what it needs in a local virtualenv (.venv).
 # CPU install path: torch is pinned to the 2.13.0 CPU wheel; GPU users install their own torch.
+# The install is reproducible: constraints.txt pins every package it installs (`make constraints`
+# re-resolves from pyproject's ranges and rewrites it).
 
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint quickstart bench tokenizer
+.PHONY: install test lint quickstart bench tokenizer constraints
 
-$(STAMP): pyproject.toml Makefile
+PIN    := -c constraints.txt --build-constraint constraints.txt
+
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet $$(grep '^pip==' constraints.txt)
+	$(BIN)/pip install --quiet $(PIN) torch==2.13.0
+	$(BIN)/pip install --quiet $(PIN) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,3 +36,12 @@ bench: $(STAMP)
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tiny_tokenizer.py
+
+constraints:
+	rm -rf .venv-resolve
+	$(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/pip install --quiet --upgrade pip
+	.venv-resolve/bin/pip install --quiet torch==2.13.0
+	.venv-resolve/bin/pip install --quiet -e '.[dev]'
+	.venv-resolve/bin/pip freeze --all --exclude-editable > constraints.txt
+	rm -rf .venv-resolve

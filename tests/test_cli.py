@@ -232,3 +232,30 @@ def test_console_script_entry_point():
     assert result.stdout.startswith("usage: vlreason")
     for words in ("data check", "data synth", "rewards list", "rewards check"):
         assert words in result.stdout
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-3"), ("--limit", "x")])
+def test_eval_rejects_a_bad_number_without_a_traceback(data_dir, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "tiny-qwen2-vl", "--data", str(data_dir / "grounding.jsonl"), flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "Traceback" not in err
+
+
+def test_eval_on_a_training_checkpoint_points_at_the_final_model(tmp_path, data_dir, capsys):
+    checkpoint = tmp_path / "sft" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")  # what Trainer leaves: weights, no processor
+    code, _, err = run(capsys, "eval", str(checkpoint), "--data", str(data_dir / "grounding.jsonl"))
+    assert code == 2
+    assert f"{checkpoint} is a training checkpoint" in err and str(tmp_path / "sft" / "final") in err
+
+
+def test_eval_on_a_model_folder_without_processor_files_says_what_is_missing(tmp_path, data_dir, capsys):
+    from vlreason.models.vlm import build_tiny_vlm
+
+    build_tiny_vlm("tiny-qwen2-vl").model.save_pretrained(tmp_path / "weights_only")
+    code, _, err = run(capsys, "eval", str(tmp_path / "weights_only"), "--data", str(data_dir / "grounding.jsonl"))
+    assert code == 2
+    assert "holds model weights but no image processor or tokenizer files" in err

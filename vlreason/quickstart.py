@@ -18,11 +18,13 @@ Four models are evaluated on the same held-out prompts (exact boxes):
 * ``base``: the random tiny model;
 * ``sft``: after the SFT cold start;
 * ``grpo``: SFT, then GRPO with format + IoU rewards;
-* ``sft_more``: the control — SFT continued on the same data for as long as GRPO trained, with
-  the learning rate annealed to zero.
+* ``sft_more``: the control: SFT continued on the same data for about as long as GRPO trains
+  (``sft_more_steps``, set from the step times measured on the reference machine), with the
+  learning rate annealed to zero.
 
-``DIR/report.json`` holds their metrics and the time taken; ``DIR/reward_curve.png`` shows the
-GRPO rewards per step.
+Every budget is a number of steps, so the same seed gives the same report on any machine (only
+the timings differ). ``DIR/report.json`` holds the metrics, steps and timings;
+``DIR/reward_curve.png`` shows the GRPO rewards per step.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuickstartPlan:
-    """Sizes and budgets of the quickstart (defaults fit 10 minutes on two CPU cores)."""
+    """Sizes and step budgets of the quickstart (the defaults run in about 6 minutes on two CPU cores)."""
 
     preset: str = "tiny-qwen3-vl"
     distractors: int = 0  # other shapes per image
@@ -56,14 +58,15 @@ class QuickstartPlan:
     eval_samples: int = 200
     image_size: int = 112
     loose_margin: float = 0.25  # the annotator's boxes grow by this share of the box side, per side
-    sft_seconds: float = 330.0
+    sft_steps: int = 800
     sft_learning_rate: float = 1e-3
     sft_batch_size: int = 32
-    grpo_seconds: float = 75.0
+    grpo_steps: int = 160
     grpo_learning_rate: float = 3e-4
     grpo_batch_size: int = 8
     num_generations: int = 8
     max_new_tokens: int = 48
+    sft_more_steps: int = 100  # the control's budget: about GRPO's training time on the reference machine
 
 
 def run_quickstart(out_dir: str | Path, seed: int = 0, plan: QuickstartPlan = QuickstartPlan()) -> dict[str, Any]:
@@ -71,26 +74,30 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, plan: QuickstartPlan = Qu
     started = time.perf_counter()
     out = Path(out_dir)
     clear_previous_run(out)
+    logger.info("quickstart 1/5: data (%d train, %d held-out prompts) and the random %s", plan.train_samples,
+                plan.eval_samples, plan.preset)
     data = make_data(out / "data", seed, plan)
     base = save_vlm(build_tiny_vlm(plan.preset, seed=seed), out / "runs" / "base")
     report: dict[str, Any] = {"base": _evaluate(base, data["eval"], plan)}
 
+    logger.info("quickstart 2/5: SFT cold start on the loose annotator's boxes, %d steps", plan.sft_steps)
     sft = run_stage(_stage("sft", base, data["sft"], out, seed, plan, learning_rate=plan.sft_learning_rate,
-                           seconds=plan.sft_seconds, max_steps=100_000))
+                           max_steps=plan.sft_steps))
     report["sft"] = _evaluate(sft.final_path, data["eval"], plan)
 
-    grpo_stage = _stage("grpo", sft.final_path, data["grpo"], out, seed, plan, learning_rate=plan.grpo_learning_rate,
-                        seconds=plan.grpo_seconds, max_steps=100_000)
+    logger.info("quickstart 3/5: GRPO from the SFT model, rewarded with the exact boxes, %d steps", plan.grpo_steps)
+    grpo_stage = _stage("grpo", sft.final_path, data["grpo"], out, seed, plan,
+                        learning_rate=plan.grpo_learning_rate, max_steps=plan.grpo_steps)
     grpo = run_stage(grpo_stage)
     report["grpo"] = _evaluate(grpo.final_path, data["eval"], plan)
 
-    # the control: as much more SFT as GRPO got, learning rate annealed linearly to zero
-    steps = max(1, round(grpo.seconds * sft.steps / max(sft.seconds, 1e-6)))
+    logger.info("quickstart 4/5: the control, %d more SFT steps from the SFT model", plan.sft_more_steps)
     sft_more = run_stage(_stage("sft_more", sft.final_path, data["sft"], out, seed, plan,
-                                learning_rate=plan.sft_learning_rate, seconds=grpo.seconds, max_steps=steps,
+                                learning_rate=plan.sft_learning_rate, max_steps=plan.sft_more_steps,
                                 scheduler="linear"))
     report["sft_more"] = _evaluate(sft_more.final_path, data["eval"], plan)
 
+    logger.info("quickstart 5/5: report")
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["training_seconds"] = {"sft": round(sft.seconds, 1), "grpo": round(grpo.seconds, 1),
                                   "sft_more": round(sft_more.seconds, 1)}
@@ -148,22 +155,23 @@ def format_report(report: dict[str, Any]) -> str:
     for name in ("base", "sft", "sft_more", "grpo"):
         lines.append(f"| {name} | " + " | ".join(f"{report[name][k]:.3f}" for k in keys) + " |")
     seconds = report["training_seconds"]
-    lines.append(f"\nTotal {report['seconds']:.0f} s; training: SFT {seconds['sft']:.0f} s, "
-                 f"GRPO {seconds['grpo']:.0f} s, more SFT {seconds['sft_more']:.0f} s.")
+    steps = report["steps"]
+    lines.append(f"\nTotal {report['seconds']:.0f} s; training: SFT {steps['sft']} steps in {seconds['sft']:.0f} s, "
+                 f"GRPO {steps['grpo']} steps in {seconds['grpo']:.0f} s, more SFT {steps['sft_more']} steps in "
+                 f"{seconds['sft_more']:.0f} s.")
     return "\n".join(lines)
 
 
 def _stage(name: str, model: Path | str, data: Path, out: Path, seed: int, plan: QuickstartPlan, *,
-           learning_rate: float, seconds: float, max_steps: int, scheduler: str = "constant") -> StageConfig:
+           learning_rate: float, max_steps: int, scheduler: str = "constant") -> StageConfig:
     kind = "grpo" if name == "grpo" else "sft"
     entry: dict[str, Any] = {
         # the vision tower is random too, so it trains with the rest
         "kind": kind, "name": name, "model": {"name_or_path": str(model), "freeze_vision": False},
-        "optim": {"learning_rate": learning_rate, "time_budget_s": seconds, "max_steps": max_steps,
-                  "scheduler": scheduler,
+        "optim": {"learning_rate": learning_rate, "max_steps": max_steps, "scheduler": scheduler,
                   "batch_size": plan.grpo_batch_size if kind == "grpo" else plan.sft_batch_size},
         "save": {"every": 0},
-        "logging": {"tensorboard": False, "rollouts_every": 20, "progress": False},
+        "logging": {"tensorboard": False, "rollouts_every": 20, "log_every": 10},
     }
     if kind == "grpo":
         entry["rollout"] = {"num_generations": plan.num_generations, "max_new_tokens": plan.max_new_tokens}
@@ -173,6 +181,6 @@ def _stage(name: str, model: Path | str, data: Path, out: Path, seed: int, plan:
 
 
 def _evaluate(model: Path | str, data: Path, plan: QuickstartPlan) -> dict[str, float]:
-    report = evaluate(load_vlm(model), data, max_new_tokens=plan.max_new_tokens, progress=False)
+    report = evaluate(load_vlm(model), data, max_new_tokens=plan.max_new_tokens)
     logger.info("%s: %s", model, report.metrics)
     return {k: v for k, v in report.metrics.items() if k != "samples"}

@@ -5,9 +5,10 @@ A spec names an entry three ways:
 * a registered name: ``iou`` (built-ins, ``@register`` calls, and third-party packages through
   the entry-point group, loaded on first use);
 * an import string: ``my_pkg.rewards:score``;
-* a file: ``rewards/my_reward.py:score``, relative to ``base_dir`` (the config's folder) or
-  the working directory. The file is executed as a module with a unique name; ``sys.path`` is
-  not touched. Plugin files run code by design: load only files you wrote or trust.
+* a file: ``rewards/my_reward.py:score``, relative to ``base_dir`` when given, else to the
+  working directory (configs make their paths absolute first). The file is executed as a module
+  with a unique name; ``sys.path`` is not touched. Plugin files run code by design: load only
+  files you wrote or trust.
 
 Unknown names fail with the closest matches and the list of what is available.
 """
@@ -91,8 +92,8 @@ def _plugin_path(target: str, base_dir: str | Path | None) -> Path:
 def load_from_file(path: Path, attr: str, kind: str) -> Any:
     """Execute a plugin file as a uniquely named module and return its attribute ``attr``."""
     if not path.is_file():
-        raise PluginError(f"{kind} plugin file not found: {path} (relative paths are taken from the config's "
-                          "folder, then the working directory)")
+        raise PluginError(f"{kind} plugin file not found: {path} (a relative path in a config or on the command "
+                          "line is taken from the working directory)")
     resolved = path.resolve()
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
     module_name = f"vlreason_plugin_{resolved.stem}_{digest}"

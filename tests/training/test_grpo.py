@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 
@@ -117,3 +119,61 @@ def test_several_updates_per_batch_use_stored_old_logprobs(tmp_path, data):
                                                           "epsilon_high": 0.01})
     values = grpo.step()
     assert values["clip_fraction"] > 0.0  # later updates see ratios away from 1, and lr 1e-2 moves far
+
+
+def test_several_updates_per_step_keep_the_schedule_of_max_steps(tmp_path, data):
+    """mu = 2 once stepped the scheduler twice per step: a linear schedule hit 0 at half the run."""
+    grpo = trainer(tmp_path, data, [GOOD, BAD], algorithm={"num_iterations": 2},
+                   optim={"learning_rate": 1e-3, "scheduler": "linear", "max_steps": 6})
+    rates = []
+    for _ in range(6):
+        rates.append(grpo.step()["learning_rate"])
+        grpo.step_count += 1
+    assert rates == pytest.approx([1e-3 * (6 - k) / 6 for k in range(6)])
+
+
+def test_warmup_counts_steps_not_updates(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD, BAD], algorithm={"num_iterations": 3},
+                   optim={"learning_rate": 1e-3, "scheduler": "linear", "warmup_steps": 2, "max_steps": 4})
+    rates = []
+    for _ in range(4):
+        rates.append(grpo.step()["learning_rate"])  # the rate this step's updates used
+        grpo.step_count += 1
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+
+
+def test_prompts_whose_images_fail_are_replaced_and_counted(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD, BAD])
+    order = [grpo.stream.samples[i] for i in grpo.stream._order]
+    for sample in order[:2]:  # the whole first batch of the epoch breaks after the data was checked
+        sample.images = [str(tmp_path / "gone.png")]
+    values = grpo.step()
+    assert values["data/skipped_samples"] == 2.0 and values["groups/kept"] == 2.0
+    kept = {s.id for s in grpo.sampler.sample(grpo.stream, 2, 0, dynamic=False, max_refills=0).parts[0].samples}
+    assert not kept & {s.id for s in order[:2]}
+
+
+def test_a_data_set_whose_images_all_fail_stops_with_the_reason(tmp_path, data):
+    grpo = trainer(tmp_path, data, [GOOD, BAD])
+    for sample in grpo.stream.samples:
+        sample.images = [str(tmp_path / "gone.png")]
+    with pytest.raises(TrainingStopped, match="as many as the data holds"):
+        grpo.step()
+
+
+def test_a_full_disk_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, data, monkeypatch):
+    grpo = trainer(tmp_path, data, [GOOD, BAD])
+    grpo.step()
+    grpo.step_count += 1
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(grpo_module.torch, "save", no_space)
+    with pytest.raises(TrainingStopped, match=r"the disk is full: writing .*checkpoint-1\.tmp failed .*--resume"):
+        grpo.save_checkpoint()
+    assert not list((tmp_path / "grpo").glob("checkpoint-*"))
+
+
+def test_the_reward_timeout_reaches_the_scorer(tmp_path, data):
+    assert trainer(tmp_path, data, algorithm={"reward_timeout_s": 7.5}).sampler.scorer.timeout_s == 7.5

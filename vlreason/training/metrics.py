@@ -95,7 +95,8 @@ def plot_curves(records: Sequence[Mapping[str, Any]], keys: Sequence[str], out: 
     ax.set_xlabel(x_key)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

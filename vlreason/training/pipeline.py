@@ -58,7 +58,8 @@ def _run_or_skip(stage: StageConfig, resume: bool, inputs: StageInputs) -> Stage
     final = Path(final_checkpoint(stage.output_dir))
     if resume and stage_finished(stage):
         logger.info("stage %s finished earlier (%s); skipping it", stage.name, final)
-        return StageOutcome(stage.name, stage.kind.value, str(final), None, None, _read_eval(stage))
+        return StageOutcome(stage.name, stage.kind.value, str(final), None, None,
+                            _read_eval(stage) or evaluate_stage(stage))  # evaluated unless that was cut short
     logger.info("stage %s (%s) -> %s", stage.name, stage.kind.value, stage.output_dir)
     result = run_stage(stage, resume, inputs)
     return StageOutcome(stage.name, stage.kind.value, str(result.final_path), result.steps,
@@ -87,5 +88,9 @@ def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:
 
 
 def _read_eval(stage: StageConfig) -> dict[str, Any] | None:
+    """The stage's earlier evaluation, or None when there is none (or a kill cut its file short)."""
     path = Path(stage.output_dir) / "eval.json"
-    return json.loads(path.read_text())["metrics"] if path.is_file() else None
+    try:
+        return json.loads(path.read_text())["metrics"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -1,0 +1,100 @@
+"""What a stage checks before it trains: video samples, overlong samples, SFT responses, changed
+data on resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlreason.cli import main
+from vlreason.config import load_config
+from vlreason.data.jsonl import DataError
+from vlreason.data.synth import synthesize
+from vlreason.models.vlm import build_tiny_vlm
+from vlreason.training.preflight import fit_length, stage_inputs
+
+MP4_HEAD = b"\x00\x00\x00\x18ftypmp42" + bytes(16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return synthesize("grounding", tmp_path_factory.mktemp("data"), n=6, seed=4, image_size=56, progress=False)
+
+
+def stage(data: Path, kind: str = "grpo", **data_section):
+    entry = {"kind": kind, "rewards": {"iou": {}}} if kind == "grpo" else {"kind": kind}
+    raw = {"output_dir": str(data.parent / "runs"), "data": {"train": str(data), **data_section}, "stages": [entry]}
+    return load_config(None, raw=raw).stages[0]
+
+
+def with_lines(data: Path, folder: Path, *records: dict) -> Path:
+    """``data``'s lines plus ``records``, written next to its images."""
+    path = data.parent / f"{folder.name}.jsonl"
+    path.write_text(data.read_text() + "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_video_samples_are_refused_at_start_up(data, tmp_path):
+    (data.parent / "clip.mp4").write_bytes(MP4_HEAD)
+    path = with_lines(data, tmp_path, {"videos": ["clip.mp4"], "prompt": "What happens?", "answer": "x"})
+    with pytest.raises(ValueError, match=r"stages\[grpo\]\.data\.train: .* 1 sample\(s\) with videos \(first: "
+                                         r".*:7\); the training and evaluation stages cannot read video yet"):
+        stage_inputs(stage(path))
+    with pytest.raises(ValueError, match=r"stages\[grpo\]\.data\.eval"):
+        stage_inputs(stage(data, eval=str(path)))
+
+
+def test_a_prompt_longer_than_max_tokens_stops_or_is_skipped(data, tmp_path):
+    huge = {"images": [json.loads(data.read_text().splitlines()[0])["images"][0]], "prompt": "where? " * 30_000,
+            "boxes": [[1, 1, 5, 5]]}
+    path = with_lines(data, tmp_path, huge)
+    vlm = build_tiny_vlm("tiny-qwen3-vl")
+    strict = stage(path)
+    with pytest.raises(DataError, match=r":7: prompt: \d+ tokens \(images included\) exceed data.max_tokens=8192"):
+        fit_length(vlm, stage_inputs(strict).samples, strict)
+    lenient = stage(path, on_bad_sample="skip")
+    kept = fit_length(vlm, stage_inputs(lenient).samples, lenient)
+    assert [s.source.rsplit(":", 1)[1] for s in kept] == ["1", "2", "3", "4", "5", "6"]
+    unlimited = stage(path, max_tokens=None)
+    assert len(fit_length(vlm, stage_inputs(unlimited).samples, unlimited)) == 7
+
+
+def test_sft_counts_the_whole_conversation(data):
+    vlm = build_tiny_vlm("tiny-qwen3-vl")
+    samples = stage_inputs(stage(data, "sft")).samples
+    prompt_only = vlm.token_counts([s.prompt_messages for s in samples], [s.image_sizes for s in samples])
+    whole = vlm.token_counts([s.messages for s in samples], [s.image_sizes for s in samples], False)
+    assert all(w > p for w, p in zip(whole, prompt_only, strict=True))
+    limit = min(whole) - 1
+    with pytest.raises(DataError, match=f"messages: .* exceed data.max_tokens={limit}"):
+        fit_length(vlm, samples, stage(data, "sft", max_tokens=limit))
+
+
+def test_sft_needs_a_response_in_every_sample(data, tmp_path):
+    path = with_lines(data, tmp_path, {"images": [], "prompt": "hello"})
+    with pytest.raises(ValueError, match=r"SFT needs a reference response in every sample; 1 have none \(first: .*:7"):
+        stage_inputs(stage(path, "sft"))
+
+
+def test_resuming_on_changed_data_says_so(data, tmp_path, capsys):
+    lines = data.read_text().splitlines()
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    for line in lines:  # the images, next to the copy
+        image = json.loads(line)["images"][0]
+        (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / image).write_bytes((data.parent / image).read_bytes())
+    config = tmp_path / "grpo.yaml"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": "tiny-qwen2.5-vl"},
+        "data": {"train": str(path)}, "logging": {"tensorboard": False, "progress": False},
+        "stages": [{"kind": "grpo", "rewards": {"format": {}}, "optim": {"max_steps": 2, "batch_size": 2},
+                    "rollout": {"num_generations": 2, "max_new_tokens": 4}, "save": {"every": 1}}]}))
+    assert main(["train", str(config)]) == 0
+    path.write_text("\n".join(lines[:3]) + "\n")  # the file shrank since
+    assert main(["train", str(config), "grpo.optim.max_steps=3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-2 was trained on other data (6 samples" in err and "(3 samples" in err
+    assert "Traceback" not in err
