@@ -83,6 +83,7 @@ class ModelConfig:
     min_pixels: int | None = None  # image resize bounds (pixels per image); default: the processor's
     max_pixels: int | None = None
     freeze_vision: bool = True  # keep the vision tower (and its merger) fixed
+    freeze_patch_embed: bool = False  # with freeze_vision false: keep only the tower's pixel projection fixed
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -18,7 +18,7 @@ from vlreason.registry import PluginError
 from vlreason.rewards import PredBox, parsed_columns
 from vlreason.rollout import ENGINES, HFEngine, Rollouts, SamplingParams, ScriptedEngine, build_engine
 from vlreason.rollout.engine import finish
-from vlreason.rollout.hf import pick_tokens
+from vlreason.rollout.hf import pick_tokens, sample_rows
 from vlreason.vision.images import ImageInfo
 
 
@@ -286,6 +286,14 @@ def test_pick_tokens_temperature_sharpens():
     cold = pick_tokens(logits, temperature=0.25, top_p=1.0, generator=torch.Generator().manual_seed(0))
     # softmax(log p / 0.25) = p^4 / sum: 0.6^4 / (0.6^4 + 0.4^4) ~ 0.835
     assert (cold == 0).float().mean().item() == pytest.approx(0.6**4 / (0.6**4 + 0.4**4), abs=0.03)
+
+
+def test_sample_rows_never_picks_a_zero_weight_and_keeps_the_proportions():
+    weights = torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0, 0.0]).expand(30_000, -1)
+    picked = sample_rows(weights, torch.Generator().manual_seed(3))
+    counts = torch.bincount(picked, minlength=6)
+    assert counts[[0, 2, 3, 5]].sum() == 0
+    assert counts[4] / 30_000 == pytest.approx(2 / 3, abs=0.01)
 
 
 def test_pick_tokens_seeded_generator_reproduces():

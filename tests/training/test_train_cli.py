@@ -247,6 +247,8 @@ def test_a_new_run_refuses_a_folder_with_an_earlier_run_until_told(tmp_path, dat
     err = capsys.readouterr().err
     assert "holds an earlier run" in err and "--resume" in err and "--overwrite" in err
     assert (copy / "grpo" / "checkpoint-6").is_dir()  # untouched
+    assert main(["train", config, "grpo.rewards.iuo={}", "--overwrite"]) == 2  # a mistake costs nothing
+    assert (copy / "grpo" / "checkpoint-6").is_dir() and (copy / "config.yaml").is_file()
     assert main(["train", config, "grpo.optim.max_steps=1", "sft.optim.max_steps=1", "--overwrite"]) == 0
     assert sorted(p.name for p in (copy / "grpo").glob("checkpoint-*")) == ["checkpoint-1"]
     assert json.loads((copy / "pipeline.json").read_text())[1]["steps"] == 1

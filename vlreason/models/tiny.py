@@ -41,6 +41,10 @@ class TinySpec:
     vision_heads: int = 2
     min_tokens: int = 4  # smallest image, in merged vision tokens
     max_tokens: int = 64  # largest image, in merged vision tokens
+    # std of the random weights: the hub's 0.02 leaves attention logits near zero, and a tiny model
+    # then sits on a plateau for ~1000 steps before it learns to look at the shape it must localise
+    # (the quickstart's SFT); at 0.1 the plateau ends after ~300 (measured, docs/ARCHITECTURE.md)
+    initializer_range: float = 0.1
 
     @property
     def head_dim(self) -> int:
@@ -58,7 +62,8 @@ def tiny_config(adapter: FamilyAdapter, tokenizer: Any, spec: TinySpec = TinySpe
     """A seeded-initialisable config of ``adapter``'s family sized by ``spec``."""
     if spec.head_dim % 4 or spec.hidden_size % spec.num_heads:
         raise ValueError(f"{spec}: hidden_size must split into heads whose size is a multiple of 4")
-    token_ids = {
+    top_level = {
+        "initializer_range": spec.initializer_range,
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
@@ -76,20 +81,22 @@ def tiny_config(adapter: FamilyAdapter, tokenizer: Any, spec: TinySpec = TinySpe
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                             "mrope_section": [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]},
         "tie_word_embeddings": True,
+        "initializer_range": spec.initializer_range,
         "bos_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
     vision = {"depth": spec.vision_layers, "num_heads": spec.vision_heads, "patch_size": adapter.patch_size,
-              "spatial_merge_size": adapter.merge_size, "temporal_patch_size": 2}
+              "spatial_merge_size": adapter.merge_size, "temporal_patch_size": 2,
+              "initializer_range": spec.initializer_range}
     if adapter is QWEN2_VL:
         vision |= {"embed_dim": spec.vision_hidden_size, "hidden_size": spec.hidden_size, "mlp_ratio": 2}
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **top_level)
     vision |= {"hidden_size": spec.vision_hidden_size, "intermediate_size": 2 * spec.vision_hidden_size,
                "out_hidden_size": spec.hidden_size}
     if adapter is QWEN2_5_VL:
         vision |= {"window_size": 2 * adapter.factor, "fullatt_block_indexes": [spec.vision_layers - 1]}
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top_level)
     text["head_dim"] = spec.head_dim
     vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
-    return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **top_level)

@@ -134,12 +134,11 @@ class GRPOTrainer:
                 while self.step_count < optim.max_steps and not self._out_of_time():
                     self._run_step(metrics, bar)
                     if interrupt.requested:
-                        raise TrainingInterrupted(self.stage.name, self.step_count, self.save_checkpoint())
+                        raise TrainingInterrupted(self.stage.name, self.step_count, self.checkpoint_now())
         finally:
             bar.close()
             metrics.close()
-        if self.saved_step != self.step_count:
-            self.save_checkpoint()  # so that a larger max_steps can continue this run
+        self.checkpoint_now()  # so that a larger max_steps can continue this run
         final = save_final(self.vlm, final_checkpoint(self.out))
         write_stage_record(self.out, self.step_count, self.train_seconds)
         self.plot()
@@ -333,6 +332,12 @@ class GRPOTrainer:
         return plot_curves(records, keys, self.out / "reward_curve.png", f"GRPO rewards ({self.stage.name})")
 
     # ---- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_now(self) -> Path:
+        """The checkpoint of the current step, written unless it already was."""
+        if self.saved_step == self.step_count:
+            return self.out / f"checkpoint-{self.step_count}"
+        return self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically: into a temporary folder, marked complete, then

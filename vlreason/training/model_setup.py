@@ -27,8 +27,9 @@ def prepare_model(config: ModelConfig, seed: int) -> VLM:
                               target_modules=config.lora.target_modules or vlm.adapter.lora_target_modules)
         vlm.model = get_peft_model(vlm.model, lora)  # only the adapters train; the base stays frozen
     elif config.freeze_vision:
-        for parameter in vision_tower(vlm.model).parameters():
-            parameter.requires_grad_(False)
+        vision_tower(vlm.model).requires_grad_(False)
+    elif config.freeze_patch_embed:  # a random projection of pixels serves, and its backward is costly
+        vision_tower(vlm.model).patch_embed.requires_grad_(False)
     trainable, total = count_parameters(vlm.model)
     logger.info("%s: %.2fM of %.2fM parameters trainable", config.name_or_path, trainable / 1e6, total / 1e6)
     return vlm

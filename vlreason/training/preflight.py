@@ -46,12 +46,19 @@ def check_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool
     Raises:
         ConfigError, DataError, PluginError, ValueError: with what to change.
     """
-    _check_earlier_run(config, resume, overwrite)
-    for stage in config.stages:
-        ensure_writable_dir(Path(stage.output_dir), f"stages[{stage.name}].output_dir")
+    earlier = earlier_run_outputs(Path(config.output_dir), [Path(s.output_dir) for s in config.stages])
+    if earlier and not (resume or overwrite):
+        raise _earlier_run_error(config, earlier)
     if resume:
         _check_no_stale_stages(config)
-    return {stage.name: stage_inputs(stage) for stage in config.stages}
+    inputs = {stage.name: stage_inputs(stage) for stage in config.stages}
+    for stage in config.stages:
+        ensure_writable_dir(Path(stage.output_dir), f"stages[{stage.name}].output_dir")
+    if earlier and overwrite:  # only once everything checked out: a bad config never costs the old run
+        logger.warning("--overwrite: deleting the earlier run's outputs in %s (%d entries)", config.output_dir,
+                       len(earlier))
+        remove_run_outputs(earlier)
+    return inputs
 
 
 def stage_inputs(stage: StageConfig) -> StageInputs:
@@ -107,19 +114,11 @@ def stage_finished(stage: StageConfig) -> bool:
     return record["steps"] >= stage.optim.max_steps or (budget is not None and record["seconds"] >= budget)
 
 
-def _check_earlier_run(config: PipelineConfig, resume: bool, overwrite: bool) -> None:
-    found = earlier_run_outputs(Path(config.output_dir), [Path(s.output_dir) for s in config.stages])
-    if not found or resume:
-        return
-    if overwrite:
-        logger.warning("--overwrite: deleting the earlier run's outputs in %s (%d entries)", config.output_dir,
-                       len(found))
-        remove_run_outputs(found)
-        return
+def _earlier_run_error(config: PipelineConfig, found: list[Path]) -> ConfigError:
     shown = ", ".join(str(p) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    raise ConfigError(f"output_dir {config.output_dir} holds an earlier run ({shown}). Continue it with --resume, "
-                      "start it over with --overwrite (deletes its checkpoints, logs and models), or choose another "
-                      "output_dir.")
+    return ConfigError(f"output_dir {config.output_dir} holds an earlier run ({shown}). Continue it with --resume, "
+                       "start it over with --overwrite (deletes its checkpoints, logs and models), or choose another "
+                       "output_dir.")
 
 
 def _check_no_stale_stages(config: PipelineConfig) -> None:
