@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -175,6 +176,15 @@ def test_fenced_detection_answer_scores_full_map() -> None:
     columns |= {"boxes": [[[10, 20, 30, 40], [50, 60, 70, 80]]], "labels": [["cat", "dog"]]}
     table = RewardScorer({"map": get_reward("detection_map")})([text], columns)
     assert table.column("map").tolist() == pytest.approx([1.0])
+
+
+def test_malformed_literals_parse_quietly() -> None:
+    # Python's compiler warns (on the user's terminal) about `1or` / `0x1for` before rejecting them
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for answer in ["[1or 2]", "[0x1for]", "[12and 3, 4, 5]"]:
+            assert find_boxes(answer) == []
+    assert [str(w.message) for w in caught] == []
 
 
 def test_qwen2_label_is_the_reference_right_before_the_box() -> None:
