@@ -33,6 +33,7 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/reward_throughput.py --json benchmarks/results/reward_throughput.json
 	$(BIN)/python benchmarks/grpo_step_vs_trl.py --json benchmarks/results/grpo_step_vs_trl.json
+	$(BIN)/python benchmarks/token_sampling.py --json benchmarks/results/token_sampling.json
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tiny_tokenizer.py
