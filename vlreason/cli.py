@@ -87,11 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=32)
     evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
+    evaluate.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="compute dtype (auto: the checkpoint's)")
     evaluate.set_defaults(run=run_eval)
 
     quick = commands.add_parser("quickstart", help="synthetic grounding on CPU: base -> SFT -> GRPO vs more SFT")
     quick.add_argument("--out", required=True, help="output folder (report.json, reward_curve.png, runs)")
     quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--device", default="auto",
+                       help="auto (the GPU when there is one), cpu, cuda or cuda:N; the README's numbers are the CPU's")
     quick.set_defaults(run=run_quickstart)
 
     data = commands.add_parser("data", help="check or synthesize data files").add_subparsers(metavar="ACTION")
@@ -163,7 +168,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     refuse_training_checkpoint(args.model)
     _quiet_transformers()
-    vlm = load_vlm(args.model)
+    vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
     report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       limit=args.limit)
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
@@ -175,10 +180,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    from vlreason.quickstart import format_report, run_quickstart
+    from vlreason.quickstart import QuickstartPlan, format_report, run_quickstart
 
     _quiet_transformers()
-    report = run_quickstart(args.out, seed=args.seed)
+    report = run_quickstart(args.out, seed=args.seed, plan=QuickstartPlan(device=args.device))
     print(format_report(report))
     return 0
 

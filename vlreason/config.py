@@ -36,6 +36,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -78,7 +79,10 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny-qwen2.5-vl"  # hub id, local checkpoint or tiny preset
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # compute dtype: auto (the checkpoint's) | float32 | bfloat16 | float16; in training, trainable
+    # weights (and so the optimizer state) stay float32 and half-precision compute runs under autocast
+    dtype: str = "auto"
+    device: str = "auto"  # auto (the GPU when there is one, else the CPU) | cpu | cuda | cuda:N
     attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
     min_pixels: int | None = None  # image resize bounds (pixels per image); default: the processor's
     max_pixels: int | None = None
@@ -278,6 +282,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.lora.r", _positive, "must be >= 1"),
     ("model.lora.alpha", _positive, "must be > 0"),
     ("model.lora.dropout", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)"),
+    ("model.device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
 )
 
 
@@ -300,6 +305,9 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.algorithm.epsilon_low/high: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
     if not _non_negative(algorithm.beta):
         raise ConfigError(f"{where}.algorithm.beta: must be >= 0 (got {algorithm.beta})")
+    if stage.model.dtype == "float16":
+        raise ConfigError(f"{where}.model.dtype: GRPO computes in float32 or bfloat16 (float16 gradients need "
+                          "loss scaling, which it does not do); use bfloat16")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

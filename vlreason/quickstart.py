@@ -70,6 +70,7 @@ class QuickstartPlan:
     max_new_tokens: int = 48
     sft_more_steps: int = 240  # the control's budget: GRPO's training time on the reference machine
     threads: int = 2  # torch CPU threads: float sums depend on the count, so it is fixed like the seed
+    device: str = "auto"  # where the models train and are evaluated (the README's table: the CPU)
 
 
 def run_quickstart(out_dir: str | Path, seed: int = 0, plan: QuickstartPlan = QuickstartPlan()) -> dict[str, Any]:
@@ -181,7 +182,8 @@ def _stage(name: str, model: Path | str, data: Path, out: Path, seed: int, plan:
         # the vision tower is random too, so it trains with the rest; its patch embedding (a linear
         # map of pixels) stays a random projection: that saves a third of an SFT step
         "kind": kind, "name": name,
-        "model": {"name_or_path": str(model), "freeze_vision": False, "freeze_patch_embed": True},
+        "model": {"name_or_path": str(model), "freeze_vision": False, "freeze_patch_embed": True,
+                  "device": plan.device},
         "optim": {"learning_rate": learning_rate, "max_steps": max_steps, "scheduler": scheduler,
                   "batch_size": plan.grpo_batch_size if kind == "grpo" else plan.sft_batch_size},
         "save": {"every": 0},
@@ -195,6 +197,6 @@ def _stage(name: str, model: Path | str, data: Path, out: Path, seed: int, plan:
 
 
 def _evaluate(model: Path | str, data: Path, plan: QuickstartPlan) -> dict[str, float]:
-    report = evaluate(load_vlm(model), data, max_new_tokens=plan.max_new_tokens)
+    report = evaluate(load_vlm(model, device=plan.device), data, max_new_tokens=plan.max_new_tokens)
     logger.info("%s: %s", model, report.metrics)
     return {k: v for k, v in report.metrics.items() if k != "samples"}

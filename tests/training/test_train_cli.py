@@ -83,7 +83,7 @@ def uninterrupted(tmp_path_factory, data) -> Path:
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     """A saved model's parameters, loaded the way users load it (names as in the model class)."""
-    return load_vlm(folder).model.state_dict()
+    return load_vlm(folder, device="cpu").model.state_dict()
 
 
 def test_pipeline_trains_both_stages_and_writes_what_it_promises(uninterrupted):

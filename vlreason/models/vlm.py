@@ -150,7 +150,7 @@ def load_vlm(
     attn_implementation: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-    device_map: str | dict | None = None,
+    device: str | torch.device = "auto",
     seed: int = 0,
 ) -> VLM:
     """Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model with its processor and adapter.
@@ -162,15 +162,19 @@ def load_vlm(
         attn_implementation: e.g. ``sdpa``, ``eager`` or ``flash_attention_2``; None lets
             transformers choose.
         min_pixels / max_pixels: override the image processor's resize bounds (pixels per image).
-        device_map: passed to ``from_pretrained`` (e.g. ``auto`` on GPU machines).
+        device: where the model lives: ``auto`` (the GPU when there is one, else the CPU),
+            ``cpu``, ``cuda`` or ``cuda:N`` (see ``resolve_device``); weights load straight there.
         seed: initialisation seed, used only by tiny presets.
     """
     torch_dtype = _resolve_dtype(dtype)
+    target = resolve_device(device)
     name = str(name_or_path)
     if name in TINY_PRESETS:
         tiny_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
-        return build_tiny_vlm(name, seed=seed, dtype=tiny_dtype, attn_implementation=attn_implementation,
-                              min_pixels=min_pixels, max_pixels=max_pixels)
+        vlm = build_tiny_vlm(name, seed=seed, dtype=tiny_dtype, attn_implementation=attn_implementation,
+                             min_pixels=min_pixels, max_pixels=max_pixels)
+        vlm.model.to(target)
+        return vlm
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -179,7 +183,7 @@ def load_vlm(
                          f"a local checkpoint directory, or a tiny preset ({presets})") from exc
     adapter = adapter_for(config.model_type)
     model = AutoModelForImageTextToText.from_pretrained(
-        name, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map
+        name, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=target
     )
     size_overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     try:
@@ -242,6 +246,30 @@ def _assemble(model: PreTrainedModel, adapter: FamilyAdapter, image_processor: A
                          f"{image_processor.merge_size}) does not match {adapter.name}'s")
     return VLM(model=model, processor=build_processor(adapter, image_processor, tokenizer),
                adapter=adapter, resize=resize)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device ``device`` names: ``auto`` is the current GPU when CUDA is available, else the
+    CPU; ``cpu``, ``cuda`` and ``cuda:N`` are checked to exist here.
+
+    Raises:
+        ValueError: an unknown name, or a GPU this machine does not have.
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise ValueError(f"device {device!r}: vlreason runs on cpu or cuda devices; use auto, cpu, cuda or cuda:N")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (resolved.index or 0) >= visible:
+        where = f"{visible} CUDA device(s) visible" if visible else "no CUDA device visible (or a CPU-only torch)"
+        raise ValueError(f"device {device!r}: this machine has {where}; use device auto or cpu")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:

@@ -28,7 +28,9 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,7 @@ from vlreason.training.checkpoints import (
 )
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics
-from vlreason.training.model_setup import prepare_model, save_final
+from vlreason.training.model_setup import autocast, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
 from vlreason.training.sft import StageResult
@@ -84,6 +86,17 @@ def run_grpo(stage: StageConfig, resume: bool = False, inputs: StageInputs | Non
     if resume:
         trainer.resume()
     return trainer.train()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """On a GPU, the most memory allocated on ``device`` since the last call (which resets it); on
+    the CPU, the process's peak resident set size so far."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 class GRPOTrainer:
@@ -149,6 +162,7 @@ class GRPOTrainer:
         values = self.step()
         self.train_seconds += time.perf_counter() - started
         values["time/step"] = time.perf_counter() - started
+        values["memory/peak_mb"] = peak_memory_mb(next(self.model.parameters()).device)
         self.step_count += 1
         if self.step_count % self.stage.logging.log_every == 0:
             metrics.write(self.step_count, values)
@@ -162,8 +176,9 @@ class GRPOTrainer:
         algorithm = self.stage.algorithm
         self.model.eval()
         # steps 1-4: prompts -> completions -> rewards -> advantages (with dynamic sampling)
-        batch = self.sampler.sample(self.stream, self.stage.optim.batch_size, self.stage.seed * 100003 +
-                                    self.step_count, algorithm.dynamic_sampling, algorithm.max_refill_tries)
+        with autocast(self.model):
+            batch = self.sampler.sample(self.stream, self.stage.optim.batch_size, self.stage.seed * 100003 +
+                                        self.step_count, algorithm.dynamic_sampling, algorithm.max_refill_tries)
         if not batch.parts:
             raise TrainingStopped(self._why_no_groups(batch))
         # step 5: log-probs of the sampling policy (only needed when it changes during the step)
@@ -193,16 +208,17 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, clip_sum, kl_sum, entropy_sum = 0.0, 0.0, 0.0, 0.0
         for index, part in enumerate(batch.parts):
-            logits = self._completion_logits(part, self.model)
-            device = logits.device  # rollouts and masks live on the CPU; the model may not
-            logp = token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
-            mask = masks[index].to(device)
-            result = policy_loss(
-                logp, old[index] if old else logp.detach(), part.advantages.to(device), mask,
-                epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
-                aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
-                beta=algorithm.beta, ref_logp=ref[index] if ref else None,
-                num_sequences=num_sequences, num_tokens=num_tokens)
+            with autocast(self.model):
+                logits = self._completion_logits(part, self.model)
+                device = logits.device  # rollouts and masks live on the CPU; the model may not
+                logp = token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
+                mask = masks[index].to(device)
+                result = policy_loss(
+                    logp, old[index] if old else logp.detach(), part.advantages.to(device), mask,
+                    epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
+                    aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
+                    beta=algorithm.beta, ref_logp=ref[index] if ref else None,
+                    num_sequences=num_sequences, num_tokens=num_tokens)
             result.loss.backward()
             share = float(mask.sum()) / max(num_tokens, 1.0)
             loss_sum += float(result.loss.detach())
@@ -242,9 +258,10 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _logprobs(self, part: GroupBatch, model: torch.nn.Module) -> torch.Tensor:
-        logits = self._completion_logits(part, model)
-        device = logits.device
-        return token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
+        with autocast(model):
+            logits = self._completion_logits(part, model)
+            device = logits.device
+            return token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
 
     def _reference_logprobs(self, part: GroupBatch) -> torch.Tensor:
         if self.reference is not None:
@@ -347,7 +364,8 @@ class GRPOTrainer:
         trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
         state = {"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "step": self.step_count, "stream": self.stream.state(), "bad_in_row": self.bad_in_row,
-                 "train_seconds": self.train_seconds, "torch_rng": torch.get_rng_state()}
+                 "train_seconds": self.train_seconds, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -371,7 +389,7 @@ class GRPOTrainer:
         if path is None:
             return
         check_same_data(path, self.stream.samples, self.stage.data.train)
-        state = torch.load(path / STATE_FILE, weights_only=False)
+        state = torch.load(path / STATE_FILE, weights_only=False, map_location="cpu")  # loaded onto the model's device
         missing = set(name for name, p in self.model.named_parameters() if p.requires_grad) - set(state["model"])
         if missing:
             raise ValueError(f"{path} does not match this model/config (missing {len(missing)} trainable tensors, "
@@ -384,4 +402,6 @@ class GRPOTrainer:
         self.bad_in_row = state["bad_in_row"]
         self.train_seconds = state["train_seconds"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.resumed_from = self.saved_step = checkpoint_step(path)

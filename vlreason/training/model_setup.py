@@ -19,9 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_model(config: ModelConfig, seed: int) -> VLM:
-    """Load the model, freeze the vision tower if asked, and wrap it with LoRA if enabled."""
+    """Load the model onto ``config.device``, freeze the vision tower if asked, wrap it with LoRA
+    if enabled, and keep the trainable weights in float32 (see ``autocast``)."""
     vlm = load_vlm(config.name_or_path, dtype=config.dtype, attn_implementation=config.attn_implementation,
-                   min_pixels=config.min_pixels, max_pixels=config.max_pixels, seed=seed)
+                   min_pixels=config.min_pixels, max_pixels=config.max_pixels, device=config.device, seed=seed)
     if config.lora.enabled:
         lora = PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                               target_modules=config.lora.target_modules or vlm.adapter.lora_target_modules)
@@ -30,9 +31,28 @@ def prepare_model(config: ModelConfig, seed: int) -> VLM:
         vision_tower(vlm.model).requires_grad_(False)
     elif config.freeze_patch_embed:  # a random projection of pixels serves, and its backward is costly
         vision_tower(vlm.model).patch_embed.requires_grad_(False)
+    for parameter in vlm.model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()  # the optimizer state follows: float32 too
     trainable, total = count_parameters(vlm.model)
-    logger.info("%s: %.2fM of %.2fM parameters trainable", config.name_or_path, trainable / 1e6, total / 1e6)
+    logger.info("%s: %.2fM of %.2fM parameters trainable, on %s, computing in %s", config.name_or_path,
+                trainable / 1e6, total / 1e6, next(vlm.model.parameters()).device, compute_dtype(vlm.model))
     return vlm
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in: the one it was loaded in (``model.dtype`` of the config,
+    or the checkpoint's), whatever its trainable weights were raised to."""
+    return model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
+
+
+def autocast(model: torch.nn.Module) -> torch.autocast:
+    """Forward passes in the model's compute dtype (bfloat16 or float16) on its device; a no-op
+    for float32. Matmuls run in half precision, while log-softmax, losses and the optimizer stay
+    in float32."""
+    dtype = compute_dtype(model)
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:

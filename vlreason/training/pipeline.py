@@ -77,8 +77,8 @@ def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:
     """Evaluate the stage's final model on ``data.eval`` and write the report next to it."""
     if not stage.data.eval:
         return None
-    vlm = load_vlm(final_checkpoint(stage.output_dir), min_pixels=stage.model.min_pixels,
-                   max_pixels=stage.model.max_pixels)
+    vlm = load_vlm(final_checkpoint(stage.output_dir), dtype=stage.model.dtype, min_pixels=stage.model.min_pixels,
+                   max_pixels=stage.model.max_pixels, device=stage.model.device)
     report = evaluate(vlm, stage.data.eval, max_new_tokens=stage.rollout.max_new_tokens,
                       progress=stage.logging.progress)
     write_report(report, stage.output_dir, title=f"Evaluation after stage {stage.name}")

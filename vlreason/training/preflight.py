@@ -19,7 +19,7 @@ from pathlib import Path
 from vlreason.config import ConfigError, PipelineConfig, StageConfig, StageKind, final_checkpoint
 from vlreason.data.jsonl import DataError, DataProblem, OnBadSample, read_jsonl
 from vlreason.data.schema import Sample
-from vlreason.models.vlm import VLM
+from vlreason.models.vlm import VLM, resolve_device
 from vlreason.rewards.api import RewardFn, check_columns, get_reward
 from vlreason.training.checkpoints import checkpoint_step, checkpoints, read_stage_record
 from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
@@ -64,6 +64,7 @@ def check_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool
 def stage_inputs(stage: StageConfig) -> StageInputs:
     """Read and validate one stage's data, evaluation data and rewards."""
     where = f"stages[{stage.name}]"
+    _check_device(stage, where)
     data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
     _refuse_video(data.video_sources, stage.data.train, f"{where}.data.train")
     samples = data.samples[: stage.data.max_samples]
@@ -143,6 +144,22 @@ def _trains_further(stage: StageConfig) -> bool:
         return False
     saved = checkpoints(stage.output_dir)
     return not saved or checkpoint_step(saved[-1]) < stage.optim.max_steps
+
+
+def _check_device(stage: StageConfig, where: str) -> None:
+    """The stage's device exists here, and the stage can run on it in its dtype."""
+    try:
+        device = resolve_device(stage.model.device)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.model.device: {exc}") from None
+    if stage.kind is not StageKind.SFT:
+        return
+    if device.type == "cuda" and (device.index or 0) > 0:
+        raise ConfigError(f"{where}.model.device: SFT trains on the first visible GPU (transformers' Trainer "
+                          f"places the model); to use GPU {device.index}, run with CUDA_VISIBLE_DEVICES={device.index} "
+                          "and model.device=cuda")
+    if device.type == "cpu" and stage.model.dtype == "float16":
+        raise ConfigError(f"{where}.model.dtype: float16 training needs a GPU; use bfloat16 or float32 on the CPU")
 
 
 def _refuse_video(sources: list[str], path: str, key: str) -> None:

@@ -48,7 +48,7 @@ from vlreason.training.checkpoints import (
 )
 from vlreason.training.interrupt import InterruptFlag, TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog
-from vlreason.training.model_setup import load_checkpoint_weights, prepare_model, save_final
+from vlreason.training.model_setup import compute_dtype, load_checkpoint_weights, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def _train(stage: StageConfig, vlm: VLM, samples: list[Sample], collator: SFTCol
     log = MetricsLog(out, stage.logging.tensorboard, checkpoint_step(checkpoint))
     with catch_interrupt() as interrupt:
         callback = StageCallback(stage, collator, clock, log, data_fingerprint(samples), interrupt)
-        trainer = VLTrainer(model=vlm.model, args=training_arguments(stage), train_dataset=SampleList(samples),
-                            data_collator=collator, callbacks=[clock, callback])
+        trainer = VLTrainer(model=vlm.model, args=training_arguments(stage, vlm.model),
+                            train_dataset=SampleList(samples), data_collator=collator, callbacks=[clock, callback])
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl, not the terminal
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(QuietProgress())
@@ -131,8 +131,12 @@ class VLTrainer(Trainer):
         load_checkpoint_weights(model or self.model, Path(resume_from_checkpoint))
 
 
-def training_arguments(stage: StageConfig) -> TrainingArguments:
+def training_arguments(stage: StageConfig, model: torch.nn.Module) -> TrainingArguments:
+    """``Trainer``'s arguments for ``stage``: on the model's device (``Trainer`` picks a GPU when it
+    sees one, so a model on the CPU says so), in its compute dtype (``autocast``)."""
     optim, log = stage.optim, stage.logging
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    dtype = compute_dtype(model)
     return TrainingArguments(
         output_dir=stage.output_dir,
         max_steps=optim.max_steps,
@@ -150,7 +154,10 @@ def training_arguments(stage: StageConfig) -> TrainingArguments:
         seed=stage.seed,
         remove_unused_columns=False,  # the collator needs whole samples
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=not on_cpu,
+        use_cpu=on_cpu,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
     )
 
 
