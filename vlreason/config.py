@@ -145,6 +145,12 @@ class OptimConfig:
     max_steps: int = 100
     time_budget_s: float | None = None  # also stop (and save) after this much training time (not reproducible)
     max_bad_steps: int = 5  # stop after this many non-finite losses or gradients in a row
+    # GRPO memory: token positions whose [positions, vocabulary] logits exist at once in a
+    # log-prob pass (recomputed chunk by chunk in backward)
+    logprob_chunk: int = 4096
+    # GRPO memory: completions per forward/backward pass (gradients accumulate to the same update);
+    # null: all of a batch at once. A multiple or a divisor of rollout.num_generations
+    micro_batch_size: int | None = None
 
 
 @dataclass
@@ -262,6 +268,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.batch_size", _positive, "must be >= 1"),
     ("optim.max_steps", _positive, "must be >= 1"),
     ("optim.max_bad_steps", _positive, "must be >= 1"),
+    ("optim.logprob_chunk", _positive, "must be >= 1"),
+    ("optim.micro_batch_size", _positive, "must be >= 1, or null for the whole batch at once"),
     ("optim.learning_rate", _positive, "must be > 0"),
     ("optim.warmup_steps", _non_negative, "must be >= 0"),
     ("optim.weight_decay", _non_negative, "must be >= 0"),
@@ -305,6 +313,10 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.algorithm.epsilon_low/high: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
     if not _non_negative(algorithm.beta):
         raise ConfigError(f"{where}.algorithm.beta: must be >= 0 (got {algorithm.beta})")
+    micro, group = stage.optim.micro_batch_size, stage.rollout.num_generations
+    if micro is not None and micro % group and group % micro:
+        raise ConfigError(f"{where}.optim.micro_batch_size: {micro} completions must be a multiple or a divisor of "
+                          f"rollout.num_generations ({group}), so that a micro-batch holds whole groups or part of one")
     if stage.model.dtype == "float16":
         raise ConfigError(f"{where}.model.dtype: GRPO computes in float32 or bfloat16 (float16 gradients need "
                           "loss scaling, which it does not do); use bfloat16")

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from vlreason.models import TINY_PRESETS
-from vlreason.models.prefix import SharedPrefix, completion_logits, token_entropy, token_logprobs
+from vlreason.models.prefix import (
+    SharedPrefix,
+    completion_hidden,
+    completion_logprobs,
+    token_entropy,
+    token_logprobs,
+)
 from vlreason.models.vlm import build_tiny_vlm
 
 PRESETS = list(TINY_PRESETS)
@@ -52,6 +58,11 @@ def completions(vlm, rows: int):
     mask = (torch.arange(STEPS)[None] < lengths[:, None]).long()
     ids = ids.masked_fill(mask == 0, vlm.tokenizer.pad_token_id)
     return ids, mask
+
+
+def completion_logits(model, inputs, completion_ids, completion_mask, group: int) -> torch.Tensor:
+    """The shared-prefix pass with its whole ``[N, T, V]`` logits (what the chunked path avoids)."""
+    return model.get_output_embeddings()(completion_hidden(model, inputs, completion_ids, completion_mask, group))
 
 
 def full_forward_logits(vlm, inputs, completion_ids, completion_mask, group: int) -> torch.Tensor:
@@ -128,9 +139,9 @@ def test_feeding_token_by_token_equals_feeding_at_once(vlm):
     ids, _ = completions(vlm, 2 * GROUP)
     ones = torch.ones_like(ids)
     with torch.no_grad():
-        at_once = SharedPrefix(vlm.model, inputs).repeat(GROUP).feed(ids, ones)
+        at_once = SharedPrefix(vlm.model, inputs).repeat(GROUP).feed_hidden(ids, ones)
         prefix = SharedPrefix(vlm.model, inputs).repeat(GROUP)
-        stepwise = torch.cat([prefix.feed(ids[:, t:t + 1], ones[:, t:t + 1]) for t in range(STEPS)], dim=1)
+        stepwise = torch.cat([prefix.feed_hidden(ids[:, t:t + 1], ones[:, t:t + 1]) for t in range(STEPS)], dim=1)
     torch.testing.assert_close(stepwise, at_once, atol=1e-5, rtol=1e-5)
     assert prefix.attention_mask.shape[1] == inputs["input_ids"].shape[1] + STEPS
 
@@ -159,6 +170,27 @@ def test_gradients_equal_full_forward(vlm):
         vision_nonzero |= "visual" in param_name and bool(a.abs().sum() > 0)
     assert compared > 10
     assert vision_nonzero  # the gradient reaches through the cached prompt pass into the vision tower
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_chunked_logprobs_equal_the_full_logits_with_their_gradients(vlm, chunk):
+    inputs = prompts(vlm)
+    ids, mask = completions(vlm, 2 * GROUP)
+    weights = torch.linspace(-1.0, 1.0, 2 * GROUP)[:, None]
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+    full = completion_logits(vlm.model, inputs, ids, mask, GROUP)
+    full_logp = token_logprobs(full, ids, 0.7)
+    full_grads = torch.autograd.grad((full_logp * weights * mask).sum(), params, allow_unused=True)
+    hidden = completion_hidden(vlm.model, inputs, ids, mask, GROUP)
+    logp, entropy = completion_logprobs(vlm.model, hidden, ids, 0.7, chunk_tokens=chunk)
+    chunked_grads = torch.autograd.grad((logp * weights * mask).sum(), params, allow_unused=True)
+    torch.testing.assert_close(logp, full_logp)
+    torch.testing.assert_close(entropy, token_entropy(full, 0.7))
+    assert not entropy.requires_grad
+    for a, b in zip(chunked_grads, full_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_token_logprobs_match_log_softmax():

@@ -56,15 +56,15 @@ def inputs(vlm):
 
 
 class CallHook:
-    """Forward hook on ``lm_head`` that edits the last-position logits of call k (call 0 is the prompt
-    pass, call k >= 1 feeds generated token k - 1, so call k decides generated token k)."""
+    """Forward hook on ``lm_head`` that edits the ``[rows, V]`` next-token logits of call k (the
+    engine asks for them once per generated token: call k decides generated token k)."""
 
     def __init__(self, edit):
         self.edit = edit
         self.calls = 0
 
     def __call__(self, module, args, output):
-        self.edit(self.calls, output[:, -1])
+        self.edit(self.calls, output)
         self.calls += 1
         return output
 

@@ -7,7 +7,7 @@ import errno
 import pytest
 import torch
 
-from vlreason.config import load_config
+from vlreason.config import ConfigError, load_config
 from vlreason.data.synth import synthesize
 from vlreason.rl import PolicyLoss
 from vlreason.rollout.scripted import ScriptedEngine
@@ -96,7 +96,7 @@ def test_mask_truncated_leaves_cut_off_completions_out_of_the_loss(tmp_path, dat
     batch = grpo.sampler.sample(grpo.stream, 2, 0, dynamic=False, max_refills=0)
     part = batch.parts[0]
     assert part.rollouts.truncated.tolist() == [True, False, True, False]
-    mask = grpo._loss_mask(part)
+    mask = grpo._loss_mask(grpo._micro_batches(batch)[0])
     assert mask[0].sum() == 0 and mask[2].sum() == 0 and mask[1].sum() == part.rollouts.completion_mask[1].sum()
 
 
@@ -177,3 +177,27 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, 
 
 def test_the_reward_timeout_reaches_the_scorer(tmp_path, data):
     assert trainer(tmp_path, data, algorithm={"reward_timeout_s": 7.5}).sampler.scorer.timeout_s == 7.5
+
+
+@pytest.mark.parametrize("micro", [1, 2, 4])  # a share of a group, one group, two groups then one
+def test_micro_batches_give_the_unbatched_update(tmp_path, data, micro):
+    sections = {"algorithm": {"beta": 0.04, "num_iterations": 2}}
+    texts = [GOOD, BAD, BAD, GOOD]
+    whole = trainer(tmp_path / "whole", data, texts, optim={"batch_size": 3}, **sections)
+    split = trainer(tmp_path / "split", data, texts, optim={"batch_size": 3, "micro_batch_size": micro}, **sections)
+    counts, micro_batches = [], split._micro_batches
+    split._micro_batches = lambda batch: counts.append(len(found := micro_batches(batch))) or found
+    a, b = whole.step(), split.step()
+    assert counts == [-(-6 // micro)] and a["advantages/abs_max"] > 0.5
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    grads = {n: p.grad for n, p in whole.model.named_parameters() if p.requires_grad}  # the last update's
+    for name, p in split.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-7, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # (the weights agree only up to Adam's amplification of float noise: it divides by the gradient's size)
+
+
+def test_a_micro_batch_must_hold_whole_groups_or_a_share_of_one(tmp_path, data):
+    with pytest.raises(ConfigError, match="micro_batch_size: 3 completions must be a multiple or a divisor"):
+        trainer(tmp_path, data, optim={"micro_batch_size": 3}, rollout={"num_generations": 2})

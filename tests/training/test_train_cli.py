@@ -32,15 +32,16 @@ CALLS = {"n": 0}
 
 
 def crash_at(completions, **columns):
-    """Scores 0, but raises from the call number in VLREASON_TEST_CRASH_AT on, and presses Ctrl-C
-    at the call number in VLREASON_TEST_SIGINT_AT (one batch call per step)."""
+    """Scores a completion's length (a signal to learn from even where format and IoU are all 0),
+    but raises from the call number in VLREASON_TEST_CRASH_AT on, and presses Ctrl-C at the call
+    number in VLREASON_TEST_SIGINT_AT (one batch call per step)."""
     CALLS["n"] += 1
     crash_at = os.environ.get("VLREASON_TEST_CRASH_AT")
     if crash_at and CALLS["n"] >= int(crash_at):
         raise RuntimeError("simulated crash")
     if os.environ.get("VLREASON_TEST_SIGINT_AT") == str(CALLS["n"]):
         os.kill(os.getpid(), signal.SIGINT)
-    return [0.0] * len(completions)
+    return [len(str(completion)) / 100 for completion in completions]
 '''
 
 
@@ -60,7 +61,7 @@ def write_config(folder: Path, data: Path, grpo_steps: int) -> Path:
              "rollout": {"num_generations": 3, "max_new_tokens": 8},
              "algorithm": {"beta": 0.04, "on_reward_error": "raise"},
              "rewards": {"format": {"weight": 0.5}, "iou": {},
-                         "crash": {"fn": f"{folder / 'crash.py'}:crash_at", "weight": 0.0}},
+                         "crash": {"fn": f"{folder / 'crash.py'}:crash_at", "weight": 1.0}},
              "save": {"every": 2, "keep": 5}},
         ],
     }

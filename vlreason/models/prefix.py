@@ -19,14 +19,19 @@ import inspect
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import BatchFeature, PreTrainedModel
 
 
 class SharedPrefix:
     """Prompts run once, continued token by token or a whole completion at a time.
 
+    The passes run the model's multimodal core and keep hidden states; logits over the vocabulary
+    are made only where asked (``next_logits`` when sampling), so a whole completion can be scored
+    without ever holding ``[rows, T, V]`` (see ``completion_logprobs``).
+
     Attributes:
-        last_logits: ``[rows, V]`` logits after the last fed token.
+        last_hidden: ``[rows, H]`` hidden state after the last fed token.
         attention_mask: ``[rows, L]`` over everything in the cache.
         next_position: ``[rows]`` rotary position of the next token.
     """
@@ -34,41 +39,48 @@ class SharedPrefix:
     def __init__(self, model: PreTrainedModel, inputs: BatchFeature | dict[str, torch.Tensor]):
         """Run the prompts (``input_ids`` ``[B, Lp]`` left-padded, with their pixels) once."""
         self.model = model
+        self.core = _vl_core(model)
         self.cache_kwarg = cache_kwarg(model)
         positions = prompt_positions(model, inputs)  # [3, B, Lp]
-        output = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+        output = self.core(**inputs, position_ids=positions, use_cache=True)
         self.cache = getattr(output, self.cache_kwarg)
-        self.last_logits = output.logits[:, -1]  # [B, V]
+        self.last_hidden = output[0][:, -1]  # [B, H]
         self.attention_mask = inputs["attention_mask"]
         self.next_position = positions.amax(dim=(0, 2)) + 1  # [B]
+
+    def next_logits(self) -> torch.Tensor:
+        """``[rows, V]`` logits for the next token of every row."""
+        return self.model.get_output_embeddings()(self.last_hidden)
 
     def repeat(self, group_size: int) -> SharedPrefix:
         """Repeat every row G times in place (rows of one prompt become adjacent); returns self."""
         self.cache.batch_repeat_interleave(group_size)
-        self.last_logits = self.last_logits.repeat_interleave(group_size, dim=0)
+        self.last_hidden = self.last_hidden.repeat_interleave(group_size, dim=0)
         self.attention_mask = self.attention_mask.repeat_interleave(group_size, dim=0)
         self.next_position = self.next_position.repeat_interleave(group_size, dim=0)
         return self
 
-    def feed(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append tokens to every row and return the logits that predict each fed token.
+    def feed_hidden(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append tokens to every row and return the hidden states that predict each fed token.
 
         Args:
             tokens: ``[rows, T]`` token ids; mask: ``[rows, T]``, 0 on padding.
 
         Returns:
-            ``[rows, T, V]``: position t holds the logits for ``tokens[:, t]`` (the first comes from
-            before the call), so ``log_softmax(result).gather(tokens)`` are the tokens' log-probs.
+            ``[rows, T, H]``: position t holds the state whose logits predict ``tokens[:, t]`` (the
+            first comes from before the call).
         """
         steps = torch.arange(tokens.shape[1], device=tokens.device)
         positions = (self.next_position[:, None] + steps).unsqueeze(0).expand(3, -1, -1)  # [3, rows, T]
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], dim=1)
-        output = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions,
-                            use_cache=True, **{self.cache_kwarg: self.cache})
-        predicting = torch.cat([self.last_logits[:, None], output.logits[:, :-1]], dim=1)
-        self.last_logits = output.logits[:, -1]
+        output = self.core(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions,
+                           use_cache=True, **{self.cache_kwarg: self.cache})
+        hidden = output[0]  # [rows, T, H]
+        predicting = torch.cat([self.last_hidden[:, None], hidden[:, :-1]], dim=1)
+        self.last_hidden = hidden[:, -1]
         self.next_position = self.next_position + tokens.shape[1]
         return predicting
+
 
 
 def prompt_positions(model: PreTrainedModel, inputs: BatchFeature | dict[str, torch.Tensor]) -> torch.Tensor:
@@ -105,9 +117,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def completion_logits(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
+def completion_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
                       completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Logits predicting each completion token, with every prompt run once for its G completions.
+    """Hidden states predicting each completion token, every prompt run once for its G completions.
 
     Args:
         prompt_inputs: B prompts (``input_ids`` ``[B, Lp]`` and their pixels).
@@ -115,9 +127,44 @@ def completion_logits(model: PreTrainedModel, prompt_inputs: BatchFeature | dict
             ``b*G .. b*G + G - 1``.
 
     Returns:
-        ``[B * G, T, V]``.
+        ``[B * G, T, H]``.
     """
-    return SharedPrefix(model, prompt_inputs).repeat(group_size).feed(completion_ids, completion_mask)
+    return SharedPrefix(model, prompt_inputs).repeat(group_size).feed_hidden(completion_ids, completion_mask)
+
+
+def completion_logprobs(model: PreTrainedModel, hidden: torch.Tensor, tokens: torch.Tensor,
+                        temperature: float = 1.0, chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of ``tokens`` from ``hidden`` (``completion_hidden``), through the
+    LM head ``chunk_tokens`` positions at a time: the logits of one chunk, ``[chunk, V]``, are the
+    most that ever exists, and backward recomputes them chunk by chunk (activation checkpointing).
+
+    Args:
+        hidden: ``[N, T, H]``; tokens: ``[N, T]``.
+
+    Returns:
+        ``[N, T]`` float32 log-probs (with gradients through ``hidden`` and the head) and
+        ``[N, T]`` entropies of the tempered distributions (without gradients).
+    """
+    head = model.get_output_embeddings()
+    flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    parts = [_checkpointed(_chunk_logprobs, flat_hidden[start:start + chunk_tokens], head,
+                           flat_tokens[start:start + chunk_tokens], temperature)
+             for start in range(0, flat_tokens.shape[0], chunk_tokens)]
+    logp = torch.cat([lp for lp, _ in parts]).reshape(tokens.shape)
+    entropy = torch.cat([ent for _, ent in parts]).reshape(tokens.shape)
+    return logp, entropy
+
+
+def _checkpointed(fn: Any, hidden: torch.Tensor, *args: Any) -> Any:
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return checkpoint(fn, hidden, *args, use_reentrant=False)
+    return fn(hidden, *args)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden)[:, None]  # [chunk, 1, V]
+    return token_logprobs(logits, tokens[:, None], temperature)[:, 0], token_entropy(logits, temperature)[:, 0]
 
 
 def _vl_core(model: Any) -> Any:

@@ -37,11 +37,11 @@ class HFEngine:
         if params.seed is not None:
             generator = torch.Generator(device=model.device).manual_seed(params.seed)
         prefix = SharedPrefix(model, prompt_inputs.to(model.device)).repeat(params.n)
-        rows = prefix.last_logits.shape[0]
+        rows = prefix.last_hidden.shape[0]
         done = torch.zeros(rows, dtype=torch.bool, device=model.device)
         steps = []
         for step in range(params.max_new_tokens):
-            logits = prefix.last_logits.float()
+            logits = prefix.next_logits().float()  # [rows, V]
             logits[:, self.suppress.to(logits.device)] = -float("inf")
             token = pick_tokens(logits, params.temperature, params.top_p, generator)  # [rows]
             token = token.masked_fill(done, self.pad_id)
@@ -49,7 +49,7 @@ class HFEngine:
             done |= token == self.eos_id
             if bool(done.all()) or step == params.max_new_tokens - 1:
                 break
-            prefix.feed(token[:, None], torch.ones_like(token)[:, None])
+            prefix.feed_hidden(token[:, None], torch.ones_like(token)[:, None])
         return finish(torch.stack(steps, dim=1).cpu(), self.eos_id, self.pad_id, self.vlm.tokenizer)
 
 

@@ -10,15 +10,18 @@ One step (``GRPOTrainer.step``):
    sampling, drop zero-variance groups and refill from the next prompts;
 5. log-probs of the sampled tokens under the sampling policy (stored when mu > 1) and under the
    frozen reference (when beta > 0; for LoRA the base model with the adapters switched off);
-6. mu times: policy log-probs with gradients, loss, backward, skip the update if the loss or the
-   gradient is not finite, clip, optimizer step;
+6. mu times: policy log-probs with gradients, loss, backward (micro-batch by micro-batch, under
+   the whole batch's normaliser), skip the update if the loss or the gradient is not finite,
+   clip, optimizer step;
 7. log, dump rollouts, checkpoint; the learning-rate schedule advances once per step (not once
    per update), so mu > 1 keeps the schedule of ``optim.max_steps`` steps.
 
 Every prompt is run once for its G completions (``vlreason.models.prefix``), in sampling as in
-the log-prob passes. Checkpoints hold the trainable weights, optimizer, scheduler, prompt
-order position, step and RNG state, so ``resume`` continues the same run exactly; one is also
-written at the end, so a finished run can be continued to a larger ``optim.max_steps``.
+the log-prob passes, and the vocabulary logits exist only ``optim.logprob_chunk`` positions at
+a time. Passes run in the model's compute dtype under autocast, on the model's device.
+Checkpoints hold the trainable weights, optimizer, scheduler, prompt order position, step and
+RNG state, so ``resume`` continues the same run exactly; one is also written at the end, so a
+finished run can be continued to a larger ``optim.max_steps``.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ import numpy as np
 import torch
 from peft import PeftModel
 from tqdm import tqdm
-from transformers import get_scheduler
+from transformers import BatchFeature, get_scheduler
 
 from vlreason.config import StageConfig, final_checkpoint
-from vlreason.models.prefix import completion_logits, token_entropy, token_logprobs
+from vlreason.models.prefix import completion_hidden, completion_logprobs
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, policy_loss
 from vlreason.rollout.engine import SamplingParams, build_engine
@@ -68,6 +71,16 @@ from vlreason.training.sft import StageResult
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class MicroBatch:
+    """Completions ``rows`` of one part (a micro-batch), with the encoded prompts they continue."""
+
+    part: GroupBatch
+    rows: slice
+    prompt_inputs: BatchFeature
+    repeat: int  # completions per prompt in this micro-batch
 
 
 @dataclass
@@ -184,13 +197,14 @@ class GRPOTrainer:
         # step 5: log-probs of the sampling policy (only needed when it changes during the step)
         # and of the reference
         train_start = time.perf_counter()
-        masks = [self._loss_mask(part) for part in batch.parts]
-        old = [self._logprobs(part, self.model) for part in batch.parts] if algorithm.num_iterations > 1 else None
-        ref = [self._reference_logprobs(part) for part in batch.parts] if algorithm.beta > 0 else None
+        micros = self._micro_batches(batch)
+        masks = [self._loss_mask(micro) for micro in micros]
+        old = [self._logprobs(micro, self.model) for micro in micros] if algorithm.num_iterations > 1 else None
+        ref = [self._reference_logprobs(micro) for micro in micros] if algorithm.beta > 0 else None
         # step 6: mu policy updates on the same samples, all at this step's learning rate
         self.model.train()
         learning_rate = self.scheduler.get_last_lr()[0]
-        updates = [self._update(batch, masks, old, ref) for _ in range(algorithm.num_iterations)]
+        updates = [self._update(micros, masks, old, ref) for _ in range(algorithm.num_iterations)]
         self.scheduler.step()
         train_s = time.perf_counter() - train_start
         # step 7: what to log
@@ -198,23 +212,22 @@ class GRPOTrainer:
             self._dump_rollouts(batch)
         return {**self._step_metrics(batch, updates, train_s), "learning_rate": learning_rate}
 
-    def _update(self, batch: SampledBatch, masks: list[torch.Tensor], old: list[torch.Tensor] | None,
+    def _update(self, micros: list[MicroBatch], masks: list[torch.Tensor], old: list[torch.Tensor] | None,
                 ref: list[torch.Tensor] | None) -> UpdateStats:
-        """One optimizer step over all groups of the batch (gradients accumulated per part, with
-        the whole batch's normaliser so the result equals one pass over the batch)."""
+        """One optimizer step over all groups of the batch (gradients accumulated per micro-batch,
+        with the whole batch's normaliser so the result equals one pass over the batch)."""
         algorithm = self.stage.algorithm
         num_sequences = sum(m.shape[0] for m in masks)
         num_tokens = float(sum(m.sum() for m in masks))
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, clip_sum, kl_sum, entropy_sum = 0.0, 0.0, 0.0, 0.0
-        for index, part in enumerate(batch.parts):
+        for index, micro in enumerate(micros):
             with autocast(self.model):
-                logits = self._completion_logits(part, self.model)
-                device = logits.device  # rollouts and masks live on the CPU; the model may not
-                logp = token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
+                logp, entropy = self._completion_logprobs(micro, self.model)
+                device = logp.device  # rollouts and masks live on the CPU; the model may not
                 mask = masks[index].to(device)
                 result = policy_loss(
-                    logp, old[index] if old else logp.detach(), part.advantages.to(device), mask,
+                    logp, old[index] if old else logp.detach(), micro.part.advantages[micro.rows].to(device), mask,
                     epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
                     aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
                     beta=algorithm.beta, ref_logp=ref[index] if ref else None,
@@ -224,7 +237,6 @@ class GRPOTrainer:
             loss_sum += float(result.loss.detach())
             clip_sum += float(result.clip_fraction) * share
             kl_sum += float(result.kl) * share
-            entropy = token_entropy(logits.detach(), self.stage.rollout.temperature)
             entropy_sum += float((entropy * mask).sum()) / max(num_tokens, 1.0)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.stage.optim.max_grad_norm))
         skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
@@ -249,25 +261,43 @@ class GRPOTrainer:
 
     # ---- log-probs --------------------------------------------------------------------------
 
-    def _completion_logits(self, part: GroupBatch, model: torch.nn.Module) -> torch.Tensor:
-        """``[N, T, V]``, each prompt run once for its G completions."""
+    def _micro_batches(self, batch: SampledBatch) -> list[MicroBatch]:
+        """The batch's completions in runs of ``optim.micro_batch_size`` (whole groups, or a share
+        of one group: the config checks that the size is a multiple or a divisor of G)."""
+        group = self.stage.rollout.num_generations
+        micros = []
+        for part in batch.parts:
+            rows = part.rollouts.completion_ids.shape[0]
+            size = self.stage.optim.micro_batch_size or rows
+            for start in range(0, rows, size):
+                stop = min(start + size, rows)
+                first, last = start // group, -(-stop // group)
+                inputs = part.prompt_inputs if (first, last) == (0, part.num_prompts) else part.prompt_inputs_of(
+                    first, last)
+                micros.append(MicroBatch(part, slice(start, stop), inputs, min(size, group)))
+        return micros
+
+    def _completion_logprobs(self, micro: MicroBatch, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, T]`` log-probs and entropies of the micro-batch's completions, each prompt run once
+        for its completions, the vocabulary logits made ``optim.logprob_chunk`` positions at a time."""
         device = next(model.parameters()).device
-        rollouts = part.rollouts
-        return completion_logits(model, part.prompt_inputs.to(device), rollouts.completion_ids.to(device),
-                                 rollouts.completion_mask.to(device), self.stage.rollout.num_generations)
+        rollouts = micro.part.rollouts
+        tokens = rollouts.completion_ids[micro.rows].to(device)
+        hidden = completion_hidden(model, micro.prompt_inputs.to(device), tokens,
+                                   rollouts.completion_mask[micro.rows].to(device), micro.repeat)
+        return completion_logprobs(model, hidden, tokens, self.stage.rollout.temperature,
+                                   self.stage.optim.logprob_chunk)
 
     @torch.no_grad()
-    def _logprobs(self, part: GroupBatch, model: torch.nn.Module) -> torch.Tensor:
+    def _logprobs(self, micro: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
         with autocast(model):
-            logits = self._completion_logits(part, model)
-            device = logits.device
-            return token_logprobs(logits, part.rollouts.completion_ids.to(device), self.stage.rollout.temperature)
+            return self._completion_logprobs(micro, model)[0]
 
-    def _reference_logprobs(self, part: GroupBatch) -> torch.Tensor:
+    def _reference_logprobs(self, micro: MicroBatch) -> torch.Tensor:
         if self.reference is not None:
-            return self._logprobs(part, self.reference)
+            return self._logprobs(micro, self.reference)
         with self.model.disable_adapter():  # LoRA: the reference is the base model, no copy
-            return self._logprobs(part, self.model)
+            return self._logprobs(micro, self.model)
 
     def _reference_model(self) -> torch.nn.Module | None:
         """A frozen copy of the starting policy when beta > 0 (not needed for LoRA)."""
@@ -277,13 +307,14 @@ class GRPOTrainer:
         reference.requires_grad_(False)
         return reference
 
-    def _loss_mask(self, part: GroupBatch) -> torch.Tensor:
-        """``[N, T]`` tokens the loss counts: generated tokens through end-of-sequence. With
+    def _loss_mask(self, micro: MicroBatch) -> torch.Tensor:
+        """``[n, T]`` tokens the loss counts: generated tokens through end-of-sequence. With
         ``mask_truncated``, completions cut off at ``max_new_tokens`` are left out entirely
         (they are still scored and logged)."""
-        mask = part.rollouts.completion_mask.clone()
+        rollouts = micro.part.rollouts
+        mask = rollouts.completion_mask[micro.rows].clone()
         if self.stage.algorithm.mask_truncated:
-            mask[part.rollouts.truncated] = 0
+            mask[rollouts.truncated[micro.rows]] = 0
         return mask
 
     # ---- bookkeeping ------------------------------------------------------------------------

@@ -78,6 +78,20 @@ class GroupBatch:
     def num_prompts(self) -> int:
         return len(self.samples)
 
+    def prompt_inputs_of(self, first: int, last: int) -> BatchFeature:
+        """The encoded inputs of prompts ``first .. last - 1`` alone: their rows of the text
+        tensors (``[B, L]``) and their images' rows of ``pixel_values`` / ``image_grid_thw``."""
+        images = [len(sample.images) for sample in self.samples]
+        image_start, image_stop = sum(images[:first]), sum(images[:last])
+        inputs = {key: self.prompt_inputs[key][first:last] for key in ("input_ids", "attention_mask",
+                                                                        "mm_token_type_ids")}
+        if "image_grid_thw" in self.prompt_inputs:
+            patches = self.prompt_inputs["image_grid_thw"].prod(dim=-1).tolist()  # [I] rows of pixel_values
+            rows = slice(sum(patches[:image_start]), sum(patches[:image_stop]))
+            inputs["pixel_values"] = self.prompt_inputs["pixel_values"][rows]
+            inputs["image_grid_thw"] = self.prompt_inputs["image_grid_thw"][image_start:image_stop]
+        return BatchFeature(inputs)
+
 
 @dataclass
 class SampledBatch:
