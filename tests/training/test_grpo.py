@@ -194,7 +194,8 @@ def test_micro_batches_give_the_unbatched_update(tmp_path, data, micro):
     grads = {n: p.grad for n, p in whole.model.named_parameters() if p.requires_grad}  # the last update's
     for name, p in split.model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name], atol=1e-7, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            # (on a GPU, kernels differ with the batch shape by ~1e-6)
+            torch.testing.assert_close(p.grad, grads[name], atol=5e-6, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
     # (the weights agree only up to Adam's amplification of float noise: it divides by the gradient's size)
 
 
