@@ -49,7 +49,7 @@ import yaml
 from vlreason.choices import Choice
 from vlreason.data.jsonl import OnBadSample
 from vlreason.rewards.scoring import OnRewardError
-from vlreason.rl import AdvantageScale, LossAggregation
+from vlreason.rl import AdvantageScale, ImportanceLevel, LossAggregation
 
 
 class ConfigError(ValueError):
@@ -126,10 +126,15 @@ class AlgorithmConfig:
     beta: float = 0.0  # weight of the k3 KL to the frozen reference (0: no reference is kept)
     scale_rewards: AdvantageScale = AdvantageScale.GROUP  # group | batch | none (Dr. GRPO)
     loss_aggregation: LossAggregation = LossAggregation.TOKEN_MEAN
+    importance_level: ImportanceLevel = ImportanceLevel.TOKEN  # token | sequence (GSPO)
     num_iterations: int = 1  # mu: policy updates per sampled batch (old log-probs stored)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill the batch
     max_refill_tries: int = 4  # extra prompt batches drawn per step when dynamic sampling filters
     mask_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
+    # DAPO's soft overlong punishment: over the last overlong_buffer tokens of max_new_tokens the
+    # total reward loses up to overlong_penalty, linearly (0: off)
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     on_reward_error: OnRewardError = OnRewardError.SKIP  # skip: score n/a, count and log; raise: stop
     reward_timeout_s: float | None = 600.0  # a reward call running longer fails (on_reward_error decides)
 
@@ -151,6 +156,9 @@ class OptimConfig:
     # GRPO memory: completions per forward/backward pass (gradients accumulate to the same update);
     # null: all of a batch at once. A multiple or a divisor of rollout.num_generations
     micro_batch_size: int | None = None
+    # recompute each decoder layer's activations in backward (less memory, about a third more
+    # compute); GRPO's gradient pass then runs prompt + completion per completion (no KV cache)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -283,6 +291,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("algorithm.num_iterations", _positive, "must be >= 1"),
     ("algorithm.max_refill_tries", _non_negative, "must be >= 0"),
     ("algorithm.reward_timeout_s", _positive, "must be > 0 seconds, or null for no limit"),
+    ("algorithm.overlong_buffer", _non_negative, "must be >= 0 tokens (0: no overlong penalty)"),
+    ("algorithm.overlong_penalty", _non_negative, "must be >= 0"),
     ("logging.log_every", _positive, "must be >= 1"),
     ("logging.rollouts_every", _non_negative, "must be >= 0 (0: never)"),
     ("save.every", _non_negative, "must be >= 0 (0: only at the end)"),
@@ -313,6 +323,9 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.algorithm.epsilon_low/high: need 0 <= epsilon_low < 1 and epsilon_high >= 0")
     if not _non_negative(algorithm.beta):
         raise ConfigError(f"{where}.algorithm.beta: must be >= 0 (got {algorithm.beta})")
+    if algorithm.overlong_buffer > stage.rollout.max_new_tokens:
+        raise ConfigError(f"{where}.algorithm.overlong_buffer: {algorithm.overlong_buffer} tokens exceed "
+                          f"rollout.max_new_tokens ({stage.rollout.max_new_tokens})")
     micro, group = stage.optim.micro_batch_size, stage.rollout.num_generations
     if micro is not None and micro % group and group % micro:
         raise ConfigError(f"{where}.optim.micro_batch_size: {micro} completions must be a multiple or a divisor of "

@@ -22,8 +22,9 @@ Four models are evaluated on the same held-out prompts (exact boxes):
   (``sft_more_steps``, set from the step times measured on the reference machine), with the
   learning rate annealed to zero.
 
-Every budget is a number of steps, so the same seed gives the same report on any machine (only
-the timings differ). ``DIR/report.json`` holds the metrics, steps and timings;
+Every budget is a number of steps and the thread count is fixed, so the same seed gives the same
+report with the same software on the same kind of device, however fast or busy (only the timings
+differ). ``DIR/report.json`` holds the metrics, steps and timings;
 ``DIR/reward_curve.png`` shows the GRPO rewards per step.
 """
 

@@ -14,6 +14,7 @@ from vlreason.models.prefix import (
     SharedPrefix,
     completion_hidden,
     completion_logprobs,
+    full_hidden,
     token_entropy,
     token_logprobs,
 )
@@ -191,6 +192,16 @@ def test_chunked_logprobs_equal_the_full_logits_with_their_gradients(vlm, chunk)
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_plain_forward_fallback_gives_the_shared_prefix_states(vlm):
+    inputs = prompts(vlm)
+    ids, mask = completions(vlm, 2 * GROUP)
+    with torch.no_grad():
+        shared = completion_hidden(vlm.model, inputs, ids, mask, GROUP)
+        plain = full_hidden(vlm.model, inputs, ids, mask, GROUP, images_per_prompt=[1, 1])
+    on = mask.bool()
+    torch.testing.assert_close(plain[on], shared[on], atol=1e-5, rtol=1e-4)
 
 
 def test_token_logprobs_match_log_softmax():

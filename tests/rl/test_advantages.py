@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from vlreason.rl.advantages import STD_EPS, AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
+from vlreason.rl.advantages import (
+    STD_EPS,
+    AdvantageScale,
+    combine_rewards,
+    group_advantages,
+    overlong_penalty,
+    zero_variance_groups,
+)
 
 NAN = float("nan")
 
@@ -192,3 +199,12 @@ def test_zero_variance_groups_match_zero_advantages():
 
 def test_group_size_one_is_always_zero_variance():
     assert zero_variance_groups(t(1, 2, NAN), 1).tolist() == [True, True, True]
+
+
+def test_overlong_penalty_is_zero_then_falls_linearly_to_the_factor():
+    lengths = torch.tensor([3, 6, 7, 8, 10, 12])
+    # budget 10, buffer 4: free up to 6 tokens, then -1/4 per token, -1 at the budget and beyond
+    torch.testing.assert_close(overlong_penalty(lengths, max_tokens=10, buffer=4),
+                               torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, max_tokens=10, buffer=4, factor=0.5),
+                               torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]))

@@ -289,3 +289,40 @@ def test_policy_loss_metrics_carry_no_gradient():
     assert out.loss.requires_grad
     assert not out.kl.requires_grad and not out.clip_fraction.requires_grad
     assert out.loss.dim() == out.kl.dim() == out.clip_fraction.dim() == 0
+
+
+# ---- GSPO: one importance ratio per sequence ------------------------------------------------------
+
+
+def test_sequence_ratio_is_the_geometric_mean_of_the_counted_token_ratios():
+    logp = torch.tensor([[0.2, 0.0, 5.0], [0.1, 0.1, 0.1]])
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0's third token is padding: not counted
+    loss, clipped = clipped_surrogate(logp, old, torch.tensor([1.0, -1.0]), 0.2, 0.2, mask, "sequence")
+    # row 0: exp((0.2 + 0.0) / 2) = exp(0.1) on every token; row 1: exp(0.1) too, advantage -1
+    torch.testing.assert_close(loss, torch.tensor([[-math.exp(0.1)] * 3, [math.exp(0.1)] * 3]))
+    assert not clipped.any()
+
+
+def test_sequence_ratio_is_clipped_as_one():
+    logp, old, mask = torch.tensor([[0.2, 0.0]]), torch.zeros(1, 2), torch.ones(1, 2)
+    loss, clipped = clipped_surrogate(logp, old, torch.tensor([1.0]), 0.05, 0.05, mask, "sequence")
+    torch.testing.assert_close(loss, torch.tensor([[-1.05, -1.05]]))
+    assert clipped.all()
+
+
+def test_sequence_level_gradient_spreads_the_sequence_ratio_over_its_tokens():
+    # loss = -(s * A) per sequence with s = exp(mean_t logp_t - old_t): d loss / d logp_t = -A * s / |y|
+    logp = torch.tensor([[0.3, -0.1, 0.4, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    result = policy_loss(logp, torch.zeros(1, 4), torch.tensor([2.0]), mask, epsilon_low=0.5, epsilon_high=0.5,
+                         aggregation="seq_mean_token_mean", max_tokens=4, importance_level="sequence")
+    result.loss.backward()
+    s = math.exp(0.6 / 3)
+    torch.testing.assert_close(result.loss, torch.tensor(-2.0 * s))
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2.0 * s / 3] * 3 + [0.0]]))
+
+
+def test_sequence_level_needs_the_mask():
+    with pytest.raises(ValueError, match="need the token mask"):
+        clipped_surrogate(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), 0.2, 0.2, level="sequence")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import math
 
 import pytest
 import torch
 
 from vlreason.config import ConfigError, load_config
 from vlreason.data.synth import synthesize
+from vlreason.models.prefix import full_hidden
 from vlreason.rl import PolicyLoss
 from vlreason.rollout.scripted import ScriptedEngine
 from vlreason.training import TrainingStopped
@@ -202,3 +204,34 @@ def test_micro_batches_give_the_unbatched_update(tmp_path, data, micro):
 def test_a_micro_batch_must_hold_whole_groups_or_a_share_of_one(tmp_path, data):
     with pytest.raises(ConfigError, match="micro_batch_size: 3 completions must be a multiple or a divisor"):
         trainer(tmp_path, data, optim={"micro_batch_size": 3}, rollout={"num_generations": 2})
+
+
+def test_overlong_shaping_ranks_the_longer_of_two_equally_rewarded_completions_lower(tmp_path, data):
+    padded = "<think>" + "so " * 12 + "found it</think><answer>[0, 0, 56, 56]</answer>"  # same format reward
+    grpo = trainer(tmp_path, data, [GOOD, padded], rollout={"max_new_tokens": 40},
+                   algorithm={"overlong_buffer": 30, "importance_level": "sequence"})
+    batch = grpo.sampler.sample(grpo.stream, 2, 0, dynamic=False, max_refills=0)
+    part = batch.parts[0]
+    lengths = part.rollouts.completion_mask.sum(dim=1)
+    assert lengths[1] > lengths[0] > 10 and part.table.values[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert part.advantages[0] > 0 > part.advantages[1]
+    values = grpo.step()
+    assert values["reward/overlong_penalty"] < 0 and math.isfinite(values["loss"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, data, monkeypatch):
+    texts = [GOOD, BAD, BAD, GOOD]
+    plain = trainer(tmp_path / "plain", data, texts, algorithm={"beta": 0.04})
+    a = plain.step()
+    checkpointed = trainer(tmp_path / "ckpt", data, texts, algorithm={"beta": 0.04},
+                           optim={"gradient_checkpointing": True})
+    plain_forwards = []
+    monkeypatch.setattr(grpo_module, "full_hidden", lambda *args: plain_forwards.append(1) or full_hidden(*args))
+    b = checkpointed.step()
+    assert len(plain_forwards) == 1 and a["advantages/abs_max"] > 0.5  # the gradient pass only
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    grads = {n: p.grad for n, p in plain.model.named_parameters() if p.requires_grad}
+    for name, p in checkpointed.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=5e-6, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")

@@ -11,14 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
+from vlreason.config import load_config
 from vlreason.data import read_jsonl
 from vlreason.data.schema import Sample
 from vlreason.data.synth import synthesize
 from vlreason.models import TINY_PRESETS
 from vlreason.models.adapters import BoxConvention
-from vlreason.models.vlm import build_tiny_vlm
+from vlreason.models.vlm import build_tiny_vlm, load_vlm
 from vlreason.training import TrainingStopped
-from vlreason.training.sft import EMPTY_THINK, IGNORE_INDEX, SFTCollator, assistant_labels, empty_thoughts
+from vlreason.training.sft import (
+    EMPTY_THINK,
+    IGNORE_INDEX,
+    SFTCollator,
+    assistant_labels,
+    empty_thoughts,
+    run_sft,
+)
 
 # ---- assistant_labels on hand-built ids -------------------------------------------------------------
 
@@ -282,3 +290,18 @@ def test_collator_stops_when_no_image_of_the_data_loads(qwen25, tmp_path):
         Path(sample.images[0]).unlink()
     with pytest.raises(TrainingStopped, match="all 2 failed"):
         SFTCollator(qwen25, samples)(samples[:1])
+
+
+def test_sft_with_gradient_checkpointing_trains(tmp_path):
+    data = synthesize("grounding", tmp_path / "data", n=4, image_size=IMAGE_SIZE, progress=False)
+    raw = {"output_dir": str(tmp_path / "run"), "data": {"train": str(data)},
+           "model": {"name_or_path": "tiny-qwen3-vl", "device": "cpu"},
+           "stages": [{"kind": "sft", "optim": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-2,
+                                                 "gradient_checkpointing": True},
+                       "logging": {"tensorboard": False, "progress": False}, "save": {"every": 0}}]}
+    stage = load_config(None, raw=raw).stages[0]
+    before = build_tiny_vlm("tiny-qwen3-vl", seed=0).model.state_dict()
+    result = run_sft(stage)
+    after = load_vlm(result.final_path, device="cpu").model.state_dict()
+    assert result.steps == 2
+    assert any(not torch.equal(after[k], before[k]) for k in after if "language_model" in k)

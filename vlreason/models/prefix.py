@@ -82,7 +82,6 @@ class SharedPrefix:
         return predicting
 
 
-
 def prompt_positions(model: PreTrainedModel, inputs: BatchFeature | dict[str, torch.Tensor]) -> torch.Tensor:
     """``[3, B, Lp]`` multimodal rotary positions of left-padded prompts (0 on padding)."""
     core = _vl_core(model)
@@ -130,6 +129,37 @@ def completion_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict
         ``[B * G, T, H]``.
     """
     return SharedPrefix(model, prompt_inputs).repeat(group_size).feed_hidden(completion_ids, completion_mask)
+
+
+def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
+                completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
+                images_per_prompt: list[int]) -> torch.Tensor:
+    """What ``completion_hidden`` returns, from one plain forward over prompt + completion with
+    every prompt and its pixels repeated G times: no KV cache, so it works where the cache cannot
+    (activation checkpointing), at the cost of running each prompt G times.
+
+    Args:
+        images_per_prompt: B image counts (which ``pixel_values`` rows belong to which prompt).
+
+    Returns:
+        ``[B * G, T, H]``.
+    """
+    prompt_len = prompt_inputs["input_ids"].shape[1]
+    repeat = {key: prompt_inputs[key].repeat_interleave(group_size, dim=0)
+              for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs = {"input_ids": torch.cat([repeat["input_ids"], completion_ids], dim=1),
+              "attention_mask": torch.cat([repeat["attention_mask"], completion_mask.to(repeat["attention_mask"])], 1),
+              "mm_token_type_ids": torch.cat([repeat["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)}
+    if "image_grid_thw" in prompt_inputs:
+        grids = prompt_inputs["image_grid_thw"]
+        per_image = torch.split(prompt_inputs["pixel_values"], grids.prod(dim=-1).tolist())
+        starts = [sum(images_per_prompt[:b]) for b in range(len(images_per_prompt))]
+        order = [i for b, count in enumerate(images_per_prompt) for _ in range(group_size)
+                 for i in range(starts[b], starts[b] + count)]  # prompt b's images, once per copy
+        inputs["pixel_values"] = torch.cat([per_image[i] for i in order])
+        inputs["image_grid_thw"] = grids[order]
+    hidden = _vl_core(model)(**inputs, use_cache=False)[0]  # [B * G, Lp + T, H]
+    return hidden[:, prompt_len - 1: prompt_len - 1 + completion_ids.shape[1]]
 
 
 def completion_logprobs(model: PreTrainedModel, hidden: torch.Tensor, tokens: torch.Tensor,

@@ -1,10 +1,25 @@
 """The GRPO family as pure tensor functions: no I/O, no model (see ``advantages`` and ``losses``)."""
 
-from vlreason.rl.advantages import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
-from vlreason.rl.losses import LossAggregation, PolicyLoss, aggregate, clipped_surrogate, k3_kl, policy_loss
+from vlreason.rl.advantages import (
+    AdvantageScale,
+    combine_rewards,
+    group_advantages,
+    overlong_penalty,
+    zero_variance_groups,
+)
+from vlreason.rl.losses import (
+    ImportanceLevel,
+    LossAggregation,
+    PolicyLoss,
+    aggregate,
+    clipped_surrogate,
+    k3_kl,
+    policy_loss,
+)
 
 __all__ = [
     "AdvantageScale",
+    "ImportanceLevel",
     "LossAggregation",
     "PolicyLoss",
     "aggregate",
@@ -12,6 +27,7 @@ __all__ = [
     "combine_rewards",
     "group_advantages",
     "k3_kl",
+    "overlong_penalty",
     "policy_loss",
     "zero_variance_groups",
 ]

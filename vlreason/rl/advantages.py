@@ -80,3 +80,20 @@ def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
     count = (~values.isnan()).sum(dim=dim)
     squares = (values - values.nanmean(dim=dim, keepdim=True)).pow(2).nansum(dim=dim)
     return torch.where(count > 1, (squares / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(squares))
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the total reward.
+
+    Args:
+        lengths: ``[N]`` generated tokens per completion.
+        max_tokens: the generation budget (``rollout.max_new_tokens``).
+        buffer: the last ``buffer`` tokens of the budget in which the penalty grows.
+        factor: the penalty at the full budget.
+
+    Returns:
+        ``[N]``: 0 up to ``max_tokens - buffer`` tokens, then falling linearly to ``-factor`` at
+        ``max_tokens`` (and beyond).
+    """
+    start = max_tokens - buffer
+    return -factor * ((lengths.to(torch.float32) - start) / buffer).clamp(min=0.0, max=1.0)

@@ -1,5 +1,9 @@
 """The clipped GRPO surrogate, the k3 KL estimator and the three loss aggregations.
 
+The importance ratio is per token (PPO, GRPO) or per sequence (GSPO: the geometric mean of the
+sequence's token ratios, ``exp(mean_t(logp - old_logp))``, clipped as one; its epsilons are
+typically ~1e-3, and ``seq_mean_token_mean`` gives the paper's sequence average).
+
 All tensors are ``[N, T]`` over N completions of up to T tokens; ``mask`` is 1 on the tokens the
 loss counts (completion tokens the policy generated; never prompt, padding or tool output).
 
@@ -30,6 +34,11 @@ class LossAggregation(Choice):
     SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"
 
 
+class ImportanceLevel(Choice):
+    TOKEN = "token"  # one ratio per token (PPO, GRPO, DAPO)
+    SEQUENCE = "sequence"  # one ratio per completion (GSPO)
+
+
 class PolicyLoss(NamedTuple):
     """The loss to backpropagate and what to log about it (all scalars)."""
 
@@ -39,7 +48,8 @@ class PolicyLoss(NamedTuple):
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      epsilon_low: float, epsilon_high: float, mask: torch.Tensor | None = None,
+                      level: ImportanceLevel | str = ImportanceLevel.TOKEN) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped objective, negated, per token.
 
     Args:
@@ -48,6 +58,9 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
         advantages: ``[N]`` (one per completion) or ``[N, T]`` (per token).
         epsilon_low / epsilon_high: the ratio is clipped to ``[1 - low, 1 + high]`` (DAPO's
             clip-higher uses high > low).
+        mask: ``[N, T]`` tokens of each completion (needed for ``level=sequence``).
+        level: ``token``: one ratio per token; ``sequence`` (GSPO): ``exp`` of the mean log-ratio
+            over the completion's tokens, shared by all of them.
 
     Returns:
         ``[N, T]`` loss ``-min(ratio * A, clip(ratio) * A)`` and ``[N, T]`` bool: the clipped
@@ -55,7 +68,14 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if ImportanceLevel(level) is ImportanceLevel.SEQUENCE:
+        if mask is None:
+            raise ValueError("sequence-level importance ratios need the token mask")
+        weight = mask.to(log_ratio.dtype)
+        log_ratio = ((log_ratio * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp(min=1.0)
+                     ).expand_as(logp)  # [N, T]: the sequence's ratio on each of its tokens
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     unclipped_term, clipped_term = ratio * advantages, clipped * advantages
     return -torch.min(unclipped_term, clipped_term), clipped_term < unclipped_term
@@ -101,6 +121,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     num_sequences: int | None = None,
     num_tokens: float | None = None,
+    importance_level: ImportanceLevel | str = ImportanceLevel.TOKEN,
 ) -> PolicyLoss:
     """The GRPO loss: clipped surrogate plus ``beta`` * k3 KL to the reference, aggregated.
 
@@ -109,7 +130,8 @@ def policy_loss(
         advantages: ``[N]`` or ``[N, T]``.
         mask: ``[N, T]``, 1 on tokens the loss counts.
     """
-    per_token, was_clipped = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high)
+    per_token, was_clipped = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, mask,
+                                               importance_level)
     kl = torch.zeros_like(per_token)
     if beta != 0.0:
         if ref_logp is None:

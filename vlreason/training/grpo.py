@@ -35,7 +35,9 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,9 @@ from tqdm import tqdm
 from transformers import BatchFeature, get_scheduler
 
 from vlreason.config import StageConfig, final_checkpoint
-from vlreason.models.prefix import completion_hidden, completion_logprobs
+from vlreason.models.prefix import completion_hidden, completion_logprobs, full_hidden
 from vlreason.rewards.scoring import RewardScorer
-from vlreason.rl import combine_rewards, policy_loss
+from vlreason.rl import combine_rewards, overlong_penalty, policy_loss
 from vlreason.rollout.engine import SamplingParams, build_engine
 from vlreason.training import TrainingStopped
 from vlreason.training.checkpoints import (
@@ -64,7 +66,7 @@ from vlreason.training.checkpoints import (
 )
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics
-from vlreason.training.model_setup import autocast, prepare_model, save_final
+from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
 from vlreason.training.sft import StageResult
@@ -81,6 +83,7 @@ class MicroBatch:
     rows: slice
     prompt_inputs: BatchFeature
     repeat: int  # completions per prompt in this micro-batch
+    images_per_prompt: list[int]
 
 
 @dataclass
@@ -126,6 +129,10 @@ class GRPOTrainer:
         self.data_fingerprint = data_fingerprint(samples)
         self.reference = self._reference_model()
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if stage.optim.gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
+            logger.info("gradient checkpointing: the gradient pass runs prompt + completion per completion "
+                        "(no shared prompt cache); sampling and the no-gradient passes keep the shared prefix")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=stage.optim.learning_rate,
                                            weight_decay=stage.optim.weight_decay)
         self.scheduler = get_scheduler(stage.optim.scheduler.value, self.optimizer,
@@ -138,7 +145,7 @@ class GRPOTrainer:
             torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
-            stage.algorithm.scale_rewards, time.perf_counter)
+            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty())
         self.step_count = 0
         self.bad_in_row = 0
         self.train_seconds = 0.0
@@ -231,7 +238,7 @@ class GRPOTrainer:
                     epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
                     aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
                     beta=algorithm.beta, ref_logp=ref[index] if ref else None,
-                    num_sequences=num_sequences, num_tokens=num_tokens)
+                    num_sequences=num_sequences, num_tokens=num_tokens, importance_level=algorithm.importance_level)
             result.loss.backward()
             share = float(mask.sum()) / max(num_tokens, 1.0)
             loss_sum += float(result.loss.detach())
@@ -274,17 +281,22 @@ class GRPOTrainer:
                 first, last = start // group, -(-stop // group)
                 inputs = part.prompt_inputs if (first, last) == (0, part.num_prompts) else part.prompt_inputs_of(
                     first, last)
-                micros.append(MicroBatch(part, slice(start, stop), inputs, min(size, group)))
+                images = [len(sample.images) for sample in part.samples[first:last]]
+                micros.append(MicroBatch(part, slice(start, stop), inputs, min(size, group), images))
         return micros
 
     def _completion_logprobs(self, micro: MicroBatch, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n, T]`` log-probs and entropies of the micro-batch's completions, each prompt run once
-        for its completions, the vocabulary logits made ``optim.logprob_chunk`` positions at a time."""
+        for its completions (with gradient checkpointing, the gradient pass runs it once per
+        completion), the vocabulary logits made ``optim.logprob_chunk`` positions at a time."""
         device = next(model.parameters()).device
         rollouts = micro.part.rollouts
-        tokens = rollouts.completion_ids[micro.rows].to(device)
-        hidden = completion_hidden(model, micro.prompt_inputs.to(device), tokens,
-                                   rollouts.completion_mask[micro.rows].to(device), micro.repeat)
+        tokens, mask = rollouts.completion_ids[micro.rows].to(device), rollouts.completion_mask[micro.rows].to(device)
+        inputs = micro.prompt_inputs.to(device)
+        if model.training and self.stage.optim.gradient_checkpointing:  # checkpointed layers keep no KV cache
+            hidden = full_hidden(model, inputs, tokens, mask, micro.repeat, micro.images_per_prompt)
+        else:
+            hidden = completion_hidden(model, inputs, tokens, mask, micro.repeat)
         return completion_logprobs(model, hidden, tokens, self.stage.rollout.temperature,
                                    self.stage.optim.logprob_chunk)
 
@@ -298,6 +310,14 @@ class GRPOTrainer:
             return self._logprobs(micro, self.reference)
         with self.model.disable_adapter():  # LoRA: the reference is the base model, no copy
             return self._logprobs(micro, self.model)
+
+    def _length_penalty(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """DAPO's overlong shaping of the total reward, when ``algorithm.overlong_buffer`` > 0."""
+        algorithm = self.stage.algorithm
+        if algorithm.overlong_buffer == 0:
+            return None
+        return partial(overlong_penalty, max_tokens=self.stage.rollout.max_new_tokens,
+                       buffer=algorithm.overlong_buffer, factor=algorithm.overlong_penalty)
 
     def _reference_model(self) -> torch.nn.Module | None:
         """A frozen copy of the starting policy when beta > 0 (not needed for LoRA)."""
@@ -325,7 +345,12 @@ class GRPOTrainer:
         all_rewards = combine_rewards(torch.from_numpy(np.concatenate([t.values for t in batch.all_tables])).float(),
                                       self.sampler.weights)
         advantages = torch.cat([part.advantages for part in batch.parts])
+        shaping = {}
+        if self.sampler.length_penalty is not None:
+            lengths = torch.cat([rollouts.completion_mask.sum(dim=1) for rollouts in batch.all_rollouts])
+            shaping["reward/overlong_penalty"] = float(self.sampler.length_penalty(lengths).mean())
         return {
+            **shaping,
             "reward/total": float(all_rewards.nanmean()),
             "reward/total_std": float(all_rewards[~all_rewards.isnan()].std()) if all_rewards.numel() > 1 else 0.0,
             "reward/kept_total": float(values.nanmean()),

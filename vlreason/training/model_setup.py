@@ -40,6 +40,17 @@ def prepare_model(config: ModelConfig, seed: int) -> VLM:
     return vlm
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (training mode only), with
+    non-reentrant checkpoints; transformers renamed the switch (5.2x), both names are served."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    switch = getattr(base, "activation_checkpointing_enable", None)
+    if switch is not None:
+        switch(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype the model computes in: the one it was loaded in (``model.dtype`` of the config,
     or the checkpoint's), whatever its trainable weights were raised to."""

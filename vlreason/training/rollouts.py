@@ -113,7 +113,10 @@ class GroupSampler:
 
     def __init__(self, vlm: VLM, engine: RolloutEngine, scorer: RewardScorer, weights: torch.Tensor,
                  data_columns: Sequence[str], group_size: int, sampling: SamplingParams,
-                 scale: AdvantageScale, clock: Callable[[], float]):
+                 scale: AdvantageScale, clock: Callable[[], float],
+                 length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``length_penalty``: ``[N]`` completion lengths -> ``[N]`` added to the total reward
+        (DAPO's overlong shaping), or None."""
         self.vlm = vlm
         self.engine = engine
         self.scorer = scorer
@@ -123,6 +126,7 @@ class GroupSampler:
         self.sampling = sampling
         self.scale = scale
         self.clock = clock
+        self.length_penalty = length_penalty
 
     def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int
                ) -> SampledBatch:
@@ -183,6 +187,8 @@ class GroupSampler:
         out.all_rollouts.append(rollouts)
         # step 4: weighted total reward and group-normalised advantages
         rewards = combine_rewards(torch.from_numpy(table.values).float(), self.weights)
+        if self.length_penalty is not None:
+            rewards = rewards + self.length_penalty(rollouts.completion_mask.sum(dim=1))  # NaN stays NaN
         advantages = group_advantages(rewards, g, self.scale)
         return GroupBatch(samples, prompt_inputs, rollouts, table, rewards, advantages)
 

@@ -16,6 +16,7 @@ checkpoint complete once ``Trainer`` has written it (see ``vlreason.training.che
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -156,9 +157,18 @@ def training_arguments(stage: StageConfig, model: torch.nn.Module) -> TrainingAr
         dataloader_num_workers=0,
         dataloader_pin_memory=not on_cpu,
         use_cpu=on_cpu,
+        **_checkpointing_arguments(optim.gradient_checkpointing),
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
     )
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """``Trainer``'s activation-checkpointing switch under its name in this transformers (renamed
+    from ``gradient_checkpointing`` in 5.2x; the old name warns)."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {}
 
 
 class SampleList(torch.utils.data.Dataset):
