@@ -305,3 +305,5 @@ def test_sft_with_gradient_checkpointing_trains(tmp_path):
     after = load_vlm(result.final_path, device="cpu").model.state_dict()
     assert result.steps == 2
     assert any(not torch.equal(after[k], before[k]) for k in after if "language_model" in k)
+    records = [json.loads(line) for line in (Path(stage.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all("loss" in r for r in records)  # no end-of-run duplicate

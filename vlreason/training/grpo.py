@@ -187,7 +187,10 @@ class GRPOTrainer:
         if self.step_count % self.stage.logging.log_every == 0:
             metrics.write(self.step_count, values)
         bar.update(1)
-        bar.set_postfix(reward=f"{values['reward/total']:.3f}", kl=f"{values['kl']:.4f}")
+        shown = {"reward": f"{values['reward/total']:.3f}"}
+        if self.stage.algorithm.beta > 0:
+            shown["kl"] = f"{values['kl']:.4f}"
+        bar.set_postfix(shown)
         if self.stage.save.every and self.step_count % self.stage.save.every == 0:
             self.save_checkpoint()
 

@@ -318,7 +318,7 @@ class StageCallback(TrainerCallback):
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if not logs:
+        if not logs or "train_runtime" in logs:  # Trainer's end-of-run summary is no step of its own
             return
         values = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         values["data/skipped_samples"] = float(self.collator.skipped - self.skipped_logged)
