@@ -167,6 +167,9 @@ class LoggingConfig:
     tensorboard: bool = True
     rollouts_every: int = 1  # GRPO: steps between rollout dumps to rollouts.jsonl (0: never)
     progress: bool = True  # progress bar
+    # also log to Weights & Biases under this project (pip install 'vlreason[wandb]';
+    # WANDB_MODE=offline works without an account); null: off
+    wandb_project: str | None = None
 
 
 @dataclass

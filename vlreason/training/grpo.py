@@ -47,7 +47,7 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import BatchFeature, get_scheduler
 
-from vlreason.config import StageConfig, final_checkpoint
+from vlreason.config import StageConfig, as_dict, final_checkpoint
 from vlreason.models.prefix import completion_hidden, completion_logprobs, full_hidden
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, overlong_penalty, policy_loss
@@ -158,7 +158,9 @@ class GRPOTrainer:
         """Run steps until ``optim.max_steps`` (or the time budget); Ctrl-C saves a checkpoint and
         raises ``TrainingInterrupted``. Returns the final model's path and what was done."""
         optim = self.stage.optim
-        metrics = MetricsLog(self.out, self.stage.logging.tensorboard, resume_step=self.resumed_from)
+        metrics = MetricsLog(self.out, self.stage.logging.tensorboard, resume_step=self.resumed_from,
+                             wandb_project=self.stage.logging.wandb_project, run_name=self.stage.name,
+                             run_config=as_dict(self.stage))
         keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from or 0)  # steps about to run again
         bar = tqdm(total=optim.max_steps, initial=self.step_count, desc=f"grpo {self.stage.name}",
                    disable=not self.stage.logging.progress, unit="step", dynamic_ncols=True)

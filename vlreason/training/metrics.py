@@ -6,6 +6,7 @@ to the steps that are about to be run again), so each file always tells one hist
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,9 +23,20 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Append-only ``out_dir/metrics.jsonl`` (+ ``out_dir/tensorboard``)."""
+    """Append-only ``out_dir/metrics.jsonl`` (+ ``out_dir/tensorboard``, + a Weights & Biases run).
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+    Args:
+        resume_step: the step a resumed run continues from; later records are dropped.
+        wandb_project: also log every record to W&B under this project (the run's files go to
+            ``out_dir/wandb``; ``WANDB_MODE=offline`` needs no account). A resumed stage
+            continues the same W&B run (its id comes from ``out_dir``); W&B keeps the steps it
+            already had, so steps after ``resume_step`` that were logged before the interruption
+            are not replaced there (``metrics.jsonl`` is the exact record).
+        run_name / run_config: the W&B run's name and config.
+    """
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None,
+                 wandb_project: str | None = None, run_name: str = "", run_config: Mapping[str, Any] | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep_steps_upto(self.path, resume_step if resume_step is not None else 0)
@@ -33,6 +45,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step)
+        self.wandb = _wandb_run(Path(out_dir), wandb_project, run_name, run_config) if wandb_project else None
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         record = {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}}
@@ -43,10 +56,25 @@ class MetricsLog:
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(out_dir: Path, project: str, name: str, config: Mapping[str, Any] | None) -> Any:
+    """A W&B run for the stage in ``out_dir``, resumed if it exists (``preflight`` checked that
+    ``wandb`` is installed)."""
+    import wandb
+
+    run_id = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=project, name=name or out_dir.name, id=run_id, resume="allow", dir=str(out_dir),
+                      config=dict(config or {}))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

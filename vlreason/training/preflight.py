@@ -12,6 +12,7 @@ than ``data.max_tokens`` are a data problem like any other (stop, or skip and co
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     """Read and validate one stage's data, evaluation data and rewards."""
     where = f"stages[{stage.name}]"
     _check_device(stage, where)
+    if stage.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"{where}.logging.wandb_project: logging to Weights & Biases needs the wandb package: "
+                          "pip install 'vlreason[wandb]' (or set logging.wandb_project=null)")
     data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
     _refuse_video(data.video_sources, stage.data.train, f"{where}.data.train")
     samples = data.samples[: stage.data.max_samples]
