@@ -208,3 +208,5 @@ def test_overlong_penalty_is_zero_then_falls_linearly_to_the_factor():
                                torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
     torch.testing.assert_close(overlong_penalty(lengths, max_tokens=10, buffer=4, factor=0.5),
                                torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]))
+    with pytest.raises(ValueError, match="overlong buffer must be in 1..10"):
+        overlong_penalty(lengths, max_tokens=10, buffer=0)

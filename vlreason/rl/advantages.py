@@ -95,5 +95,7 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, factor
         ``[N]``: 0 up to ``max_tokens - buffer`` tokens, then falling linearly to ``-factor`` at
         ``max_tokens`` (and beyond).
     """
+    if not 0 < buffer <= max_tokens:
+        raise ValueError(f"overlong buffer must be in 1..{max_tokens} tokens, got {buffer}")
     start = max_tokens - buffer
     return -factor * ((lengths.to(torch.float32) - start) / buffer).clamp(min=0.0, max=1.0)
