@@ -47,7 +47,7 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import BatchFeature, get_scheduler
 
-from vlreason.config import StageConfig, as_dict, final_checkpoint
+from vlreason.config import StageConfig, final_checkpoint
 from vlreason.models.prefix import completion_hidden, completion_logprobs, full_hidden
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, overlong_penalty, policy_loss
@@ -65,7 +65,7 @@ from vlreason.training.checkpoints import (
     write_stage_record,
 )
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
-from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics
+from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
 from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
@@ -158,9 +158,7 @@ class GRPOTrainer:
         """Run steps until ``optim.max_steps`` (or the time budget); Ctrl-C saves a checkpoint and
         raises ``TrainingInterrupted``. Returns the final model's path and what was done."""
         optim = self.stage.optim
-        metrics = MetricsLog(self.out, self.stage.logging.tensorboard, resume_step=self.resumed_from,
-                             wandb_project=self.stage.logging.wandb_project, run_name=self.stage.name,
-                             run_config=as_dict(self.stage))
+        metrics = stage_metrics_log(self.stage, resume_step=self.resumed_from)
         keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from or 0)  # steps about to run again
         bar = tqdm(total=optim.max_steps, initial=self.step_count, desc=f"grpo {self.stage.name}",
                    disable=not self.stage.logging.progress, unit="step", dynamic_ncols=True)

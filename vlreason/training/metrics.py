@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vlreason.config import StageConfig, as_dict  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,6 +67,12 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def stage_metrics_log(stage: StageConfig, resume_step: int | None = None) -> MetricsLog:
+    """The ``MetricsLog`` of a training stage, as its ``logging`` section asks (in ``output_dir``)."""
+    return MetricsLog(stage.output_dir, stage.logging.tensorboard, resume_step,
+                      wandb_project=stage.logging.wandb_project, run_name=stage.name, run_config=as_dict(stage))
 
 
 def _wandb_run(out_dir: Path, project: str, name: str, config: Mapping[str, Any] | None) -> Any:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from vlreason.config import StageConfig, as_dict, final_checkpoint
+from vlreason.config import StageConfig, final_checkpoint
 from vlreason.data.batch import load_sample_images
 from vlreason.data.schema import Message, Sample, map_assistant_text
 from vlreason.models.vlm import VLM
@@ -48,7 +48,7 @@ from vlreason.training.checkpoints import (
     write_stage_record,
 )
 from vlreason.training.interrupt import InterruptFlag, TrainingInterrupted, catch_interrupt
-from vlreason.training.metrics import MetricsLog
+from vlreason.training.metrics import MetricsLog, stage_metrics_log
 from vlreason.training.model_setup import compute_dtype, load_checkpoint_weights, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 
@@ -104,8 +104,7 @@ def _train(stage: StageConfig, vlm: VLM, samples: list[Sample], collator: SFTCol
     """Run ``Trainer`` (from ``checkpoint`` when given); returns the steps done. Ctrl-C saves a
     checkpoint and raises ``TrainingInterrupted``."""
     out = Path(stage.output_dir)
-    log = MetricsLog(out, stage.logging.tensorboard, checkpoint_step(checkpoint),
-                     wandb_project=stage.logging.wandb_project, run_name=stage.name, run_config=as_dict(stage))
+    log = stage_metrics_log(stage, checkpoint_step(checkpoint))
     with catch_interrupt() as interrupt:
         callback = StageCallback(stage, collator, clock, log, data_fingerprint(samples), interrupt)
         trainer = VLTrainer(model=vlm.model, args=training_arguments(stage, vlm.model),
