@@ -8,7 +8,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint quickstart bench tokenizer constraints
+.PHONY: install test test-slow lint quickstart bench tokenizer constraints
 
 PIN    := -c constraints.txt --build-constraint constraints.txt
 
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# the minutes-long multi-process DeepSpeed runs (ZeRO-3 with CPU offload) left out of `make test`
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow
 
 quickstart: $(STAMP)
 	$(BIN)/vlreason quickstart --out quickstart

@@ -25,7 +25,7 @@ import yaml
 from vlreason.data import check_jsonl, read_jsonl
 from vlreason.data.synth import TASKS, synthesize
 from vlreason.registry import PluginError
-from vlreason.training import TrainingStopped
+from vlreason.training import RankFailed, TrainingStopped
 from vlreason.training.interrupt import TrainingInterrupted
 
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
         return 130
-    except (PluginError, ValueError, FileNotFoundError, TrainingStopped) as exc:
+    except (PluginError, ValueError, FileNotFoundError, TrainingStopped, RankFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -147,11 +147,14 @@ def _quiet_transformers() -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from vlreason.config import load_config
+    from vlreason.training.distributed import processes
     from vlreason.training.pipeline import run_pipeline
 
     _quiet_transformers()
     config = load_config(args.config, args.overrides)
     outcomes = run_pipeline(config, resume=args.resume, overwrite=args.overwrite)
+    if not processes().is_main:
+        return 0
     rows = [(o.name, o.kind, "-" if o.steps is None else str(o.steps), o.final_path,
              ", ".join(f"{k}={v:.3f}" for k, v in (o.eval or {}).items() if isinstance(v, float)) or "-")
             for o in outcomes]

@@ -22,7 +22,7 @@ Values are read as YAML (``true``, ``[1, 2]``, ``{a: 1}``).
 
 Relative paths follow one rule, in the file as on the command line: they are relative to the
 working directory ``vlreason`` runs in (data, eval, reward plugin files, output folders, a
-local model). ``load_config`` makes them absolute, so the resolved config (saved as
+local model, a DeepSpeed config). ``load_config`` makes them absolute, so the resolved config (saved as
 ``output_dir/config.yaml``) means the same from anywhere.
 
 ``load_config`` validates everything once: unknown keys (with the closest match), wrong types
@@ -159,6 +159,9 @@ class OptimConfig:
     # recompute each decoder layer's activations in backward (less memory, about a third more
     # compute); GRPO's gradient pass then runs prompt + completion per completion (no KV cache)
     gradient_checkpointing: bool = False
+    # several processes: a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json) for ZeRO;
+    # null: plain data parallelism (see README, "Several GPUs")
+    deepspeed: str | None = None
 
 
 @dataclass
@@ -418,13 +421,16 @@ def _split_overrides(raw: dict[str, Any], stage_names: list[str], overrides: lis
 
 def _with_absolute_paths(stage: StageConfig) -> StageConfig:
     """Resolve the stage's relative paths against the working directory (the one rule, see the
-    module docstring): data files, output folder, reward plugin files and a local model folder."""
+    module docstring): data files, output folder, reward plugin files, a local model folder and a
+    DeepSpeed config."""
     stage.output_dir = _absolute(stage.output_dir)
     stage.data.train = _absolute(stage.data.train)
     if stage.data.eval:
         stage.data.eval = _absolute(stage.data.eval)
     if Path(stage.model.name_or_path).exists():  # else a hub id or a tiny preset
         stage.model.name_or_path = _absolute(stage.model.name_or_path)
+    if stage.optim.deepspeed:
+        stage.optim.deepspeed = _absolute(stage.optim.deepspeed)
     for name, reward in stage.rewards.items():
         target, sep, attr = (reward.fn or name).rpartition(":")
         if sep and target.endswith(".py"):

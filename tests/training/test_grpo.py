@@ -10,6 +10,7 @@ import torch
 
 from vlreason.config import ConfigError, load_config
 from vlreason.data.synth import synthesize
+from vlreason.models import prefix
 from vlreason.models.prefix import full_hidden
 from vlreason.rl import PolicyLoss
 from vlreason.rollout.scripted import ScriptedEngine
@@ -226,7 +227,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, data, monkeyp
     checkpointed = trainer(tmp_path / "ckpt", data, texts, algorithm={"beta": 0.04},
                            optim={"gradient_checkpointing": True})
     plain_forwards = []
-    monkeypatch.setattr(grpo_module, "full_hidden", lambda *args: plain_forwards.append(1) or full_hidden(*args))
+    monkeypatch.setattr(prefix, "full_hidden", lambda *args: plain_forwards.append(1) or full_hidden(*args))
     b = checkpointed.step()
     assert len(plain_forwards) == 1 and a["advantages/abs_max"] > 0.5  # the gradient pass only
     for key in ("loss", "kl", "entropy", "grad_norm"):

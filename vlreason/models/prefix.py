@@ -201,3 +201,31 @@ def _vl_core(model: Any) -> Any:
     """The multimodal core (``model.model``) of a Qwen-VL model, also under a peft wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model
+
+
+class CompletionScorer(torch.nn.Module):
+    """The log-probs and entropies of sampled completions under ``model``, as a module.
+
+    A training engine that must see every gradient pass (DeepSpeed ZeRO counts micro-batches in
+    its forward) wraps this module; its only parameters are the model's. Each prompt is run once
+    for its completions (``completion_hidden``); with ``full_forwards`` (gradient checkpointing:
+    checkpointed layers keep no KV cache) the training-mode pass runs prompt + completion per
+    completion (``full_hidden``). The vocabulary logits exist ``chunk_tokens`` positions at a time.
+    """
+
+    def __init__(self, model: PreTrainedModel, temperature: float, chunk_tokens: int, full_forwards: bool = False):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+        self.full_forwards = full_forwards
+
+    def forward(self, prompt_inputs: BatchFeature, tokens: torch.Tensor, mask: torch.Tensor, repeat: int,
+                images_per_prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, T]`` log-probs and entropies of ``tokens`` ``[n, T]`` (``mask`` 0 on padding), which
+        continue the prompts ``repeat`` completions each (all on the model's device)."""
+        if self.model.training and self.full_forwards:
+            hidden = full_hidden(self.model, prompt_inputs, tokens, mask, repeat, images_per_prompt)
+        else:
+            hidden = completion_hidden(self.model, prompt_inputs, tokens, mask, repeat)
+        return completion_logprobs(self.model, hidden, tokens, self.temperature, self.chunk_tokens)

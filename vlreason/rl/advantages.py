@@ -37,14 +37,16 @@ def combine_rewards(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return total.masked_fill(values.isnan().all(dim=1), float("nan"))
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageScale | str = AdvantageScale.GROUP
-                     ) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageScale | str = AdvantageScale.GROUP,
+                     batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
     """``(r_i - mean_group) / (std + 1e-4)``, NaN-aware.
 
     Args:
         rewards: ``[N]`` total rewards, N = B * group_size, NaN for unscorable completions.
         group_size: G.
         scale: ``group`` (the group's std), ``batch`` (the batch's std) or ``none``.
+        batch_rewards: ``[M]`` the whole batch's rewards for the ``batch`` std when ``rewards`` is
+            one process's share of it (default: ``rewards``).
 
     Returns:
         ``[N]`` advantages; 0 for unscorable completions. Stds use Bessel's correction.
@@ -55,7 +57,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: AdvantageSca
     if scale is AdvantageScale.GROUP:
         centred = centred / (_nanstd(grouped, dim=1).repeat_interleave(group_size) + STD_EPS)
     elif scale is AdvantageScale.BATCH:
-        centred = centred / (_nanstd(rewards.reshape(1, -1), dim=1) + STD_EPS)
+        batch = rewards if batch_rewards is None else batch_rewards
+        centred = centred / (_nanstd(batch.reshape(1, -1), dim=1) + STD_EPS)
     return centred.nan_to_num(nan=0.0)
 
 

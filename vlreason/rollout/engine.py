@@ -27,10 +27,17 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int | None = None  # seeds the sampler for this call (reproducible rollouts)
+    # with several processes, this call's N rows are rows first_row .. first_row + N - 1 of one
+    # draw of total_rows rows over all processes; engines draw their random numbers for all of
+    # them, so each row gets what it would get in one process (None: this call is the whole draw)
+    first_row: int = 0
+    total_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError(f"n ({self.n}) and max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.first_row < 0 or (self.total_rows is not None and self.total_rows <= self.first_row):
+            raise ValueError(f"first_row {self.first_row} must lie in [0, total_rows {self.total_rows})")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
         if self.temperature == 0 and self.n > 1:

@@ -43,7 +43,8 @@ class HFEngine:
         for step in range(params.max_new_tokens):
             logits = prefix.next_logits().float()  # [rows, V]
             logits[:, self.suppress.to(logits.device)] = -float("inf")
-            token = pick_tokens(logits, params.temperature, params.top_p, generator)  # [rows]
+            token = pick_tokens(logits, params.temperature, params.top_p, generator,
+                                (params.first_row, params.total_rows or rows))  # [rows]
             token = token.masked_fill(done, self.pad_id)
             steps.append(token)
             done |= token == self.eos_id
@@ -54,9 +55,10 @@ class HFEngine:
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, share: tuple[int, int] | None = None) -> torch.Tensor:
     """``[rows]`` next tokens from ``[rows, V]`` logits: greedy when temperature is 0, otherwise
-    sampled from ``softmax(logits / temperature)`` restricted to the top-p nucleus."""
+    sampled from ``softmax(logits / temperature)`` restricted to the top-p nucleus (``share``:
+    see ``sample_rows``)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -65,16 +67,22 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already >= p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return sample_rows(probs, generator)
+    return sample_rows(probs, generator, share)
 
 
-def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None,
+                share: tuple[int, int] | None = None) -> torch.Tensor:
     """``[rows]``: one index per row of ``[rows, V]`` non-negative weights, drawn with probability
     proportional to the weight, by inverting the cumulative sum (on CPU over 10x faster than
     ``torch.multinomial`` at the tiny vocabulary and 3x at Qwen's: ``benchmarks/token_sampling.py``).
-    Targets lie in ``[0, total)`` and ``right=True`` steps over equal sums, so a zero weight is never drawn."""
+    Targets lie in ``[0, total)`` and ``right=True`` steps over equal sums, so a zero weight is never drawn.
+
+    ``share`` = (first, total_rows): these rows are rows ``first ..`` of a draw over ``total_rows``
+    rows split across processes; the uniforms are drawn for all of them and this share's taken."""
     cdf = probs.double().cumsum(dim=-1)  # [rows, V]; float64 so that rounding never favours a token
     total = cdf[:, -1:]
-    targets = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
+    first, drawn = share or (0, cdf.shape[0])
+    uniforms = torch.rand(drawn, 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    targets = uniforms[first:first + cdf.shape[0]] * total
     targets = torch.minimum(targets, torch.nextafter(total, torch.zeros_like(total)))  # rounding can reach total
     return torch.searchsorted(cdf, targets, right=True).squeeze(-1)

@@ -14,7 +14,8 @@ from vlreason.rollout.engine import ENGINES, Rollouts, SamplingParams, finish
 
 @ENGINES.register("scripted")
 class ScriptedEngine:
-    """Returns ``completions`` in order, cycling: call after call, row after row."""
+    """Returns ``completions`` in order, cycling: call after call, row after row (a process's
+    share of a draw gets the rows it would get in one process)."""
 
     def __init__(self, vlm: VLM, completions: Sequence[str]):
         if not completions:
@@ -25,8 +26,9 @@ class ScriptedEngine:
 
     def generate(self, prompt_inputs: BatchFeature, params: SamplingParams) -> Rollouts:
         rows = prompt_inputs["input_ids"].shape[0] * params.n
-        texts = [self.completions[(self.cursor + i) % len(self.completions)] for i in range(rows)]
-        self.cursor += rows
+        start = self.cursor + params.first_row
+        texts = [self.completions[(start + i) % len(self.completions)] for i in range(rows)]
+        self.cursor += params.total_rows or rows
         eos = self.tokenizer.eos_token
         encoded = [self.tokenizer(text + eos, add_special_tokens=False)["input_ids"][:params.max_new_tokens]
                    for text in texts]

@@ -22,6 +22,13 @@ a time. Passes run in the model's compute dtype under autocast, on the model's d
 Checkpoints hold the trainable weights, optimizer, scheduler, prompt order position, step and
 RNG state, so ``resume`` continues the same run exactly; one is also written at the end, so a
 finished run can be continued to a larger ``optim.max_steps``.
+
+With several processes (``vlreason.training.distributed``) each rank samples and scores its share
+of the step's prompts (whole groups), the loss normalisers are summed over the ranks and the
+gradients too (``vlreason.training.update``: plain data parallelism or DeepSpeed ZeRO), so an
+update equals one process's over the global batch. Every rank runs the same number of
+forward/backward passes (a rank with fewer micro-batches repeats one with weight 0), which ZeRO-3
+needs. The main process gathers what is logged and writes it.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,8 +54,8 @@ from peft import PeftModel
 from tqdm import tqdm
 from transformers import BatchFeature, get_scheduler
 
-from vlreason.config import StageConfig, final_checkpoint
-from vlreason.models.prefix import completion_hidden, completion_logprobs, full_hidden
+from vlreason.config import ConfigError, StageConfig, final_checkpoint
+from vlreason.models.prefix import CompletionScorer
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, overlong_penalty, policy_loss
 from vlreason.rollout.engine import SamplingParams, build_engine
@@ -64,12 +71,14 @@ from vlreason.training.checkpoints import (
     write_marker,
     write_stage_record,
 )
+from vlreason.training.distributed import processes
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
 from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
 from vlreason.training.sft import StageResult
+from vlreason.training.update import build_update
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -84,6 +93,7 @@ class MicroBatch:
     prompt_inputs: BatchFeature
     repeat: int  # completions per prompt in this micro-batch
     images_per_prompt: list[int]
+    weight: float = 1.0  # 0: a padding pass (the rank has fewer micro-batches than another)
 
 
 @dataclass
@@ -104,6 +114,11 @@ def run_grpo(stage: StageConfig, resume: bool = False, inputs: StageInputs | Non
     return trainer.train()
 
 
+def _fresh_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """On a GPU, the most memory allocated on ``device`` since the last call (which resets it); on
     the CPU, the process's peak resident set size so far."""
@@ -119,6 +134,8 @@ class GRPOTrainer:
     def __init__(self, stage: StageConfig, inputs: StageInputs | None = None):
         """``inputs``: the stage's validated data and rewards (read here when not given)."""
         self.stage = stage
+        self.processes = processes()
+        self.processes.per_rank(stage.optim.batch_size, f"stages[{stage.name}].optim.batch_size")  # whole groups
         inputs = inputs or stage_inputs(stage)
         self.out = Path(stage.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -127,14 +144,15 @@ class GRPOTrainer:
         samples = fit_length(self.vlm, inputs.samples, stage)
         self.stream = PromptStream(samples, stage.seed)
         self.data_fingerprint = data_fingerprint(samples)
-        self.reference = self._reference_model()
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         if stage.optim.gradient_checkpointing:
             enable_activation_checkpointing(self.model)
             logger.info("gradient checkpointing: the gradient pass runs prompt + completion per completion "
                         "(no shared prompt cache); sampling and the no-gradient passes keep the shared prefix")
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=stage.optim.learning_rate,
-                                           weight_decay=stage.optim.weight_decay)
+        self.scorer = self._scorer(self.model)
+        reference = self._reference_model()  # a copy of the starting weights, before any partitioning
+        self.update = build_update(self.scorer, stage.optim, self.processes)
+        self.reference = self._scorer(self.update.frozen(reference)) if reference is not None else None
+        self.optimizer = self.update.optimizer
         self.scheduler = get_scheduler(stage.optim.scheduler.value, self.optimizer,
                                        num_warmup_steps=stage.optim.warmup_steps,
                                        num_training_steps=stage.optim.max_steps)
@@ -145,7 +163,7 @@ class GRPOTrainer:
             torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
-            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty())
+            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty(), self.processes)
         self.step_count = 0
         self.bad_in_row = 0
         self.train_seconds = 0.0
@@ -158,32 +176,46 @@ class GRPOTrainer:
         """Run steps until ``optim.max_steps`` (or the time budget); Ctrl-C saves a checkpoint and
         raises ``TrainingInterrupted``. Returns the final model's path and what was done."""
         optim = self.stage.optim
-        metrics = stage_metrics_log(self.stage, resume_step=self.resumed_from)
-        keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from or 0)  # steps about to run again
+        main = self.processes.is_main
+        metrics = stage_metrics_log(self.stage, resume_step=self.resumed_from) if main else None
+        if main:
+            keep_steps_upto(self.out / "rollouts.jsonl", self.resumed_from or 0)  # steps about to run again
         bar = tqdm(total=optim.max_steps, initial=self.step_count, desc=f"grpo {self.stage.name}",
-                   disable=not self.stage.logging.progress, unit="step", dynamic_ncols=True)
+                   disable=not (self.stage.logging.progress and main), unit="step", dynamic_ncols=True)
         try:
             with catch_interrupt() as interrupt:
                 while self.step_count < optim.max_steps and not self._out_of_time():
                     self._run_step(metrics, bar)
-                    if interrupt.requested:
+                    # every rank stops at the same step (a signal may reach the ranks in different steps)
+                    if self.processes.max([interrupt.requested])[0]:
                         raise TrainingInterrupted(self.stage.name, self.step_count, self.checkpoint_now())
         finally:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         self.checkpoint_now()  # so that a larger max_steps can continue this run
-        final = save_final(self.vlm, final_checkpoint(self.out))
-        write_stage_record(self.out, self.step_count, self.train_seconds)
-        self.plot()
-        return StageResult(final_path=final, steps=self.step_count, seconds=self.train_seconds)
+        final = final_checkpoint(self.out)
+        with self.update.gathered():
+            self.processes.on_main(lambda: save_final(self.vlm, final))
+        if main:
+            write_stage_record(self.out, self.step_count, self.train_seconds)
+            self.plot()
+        self.processes.barrier()
+        return StageResult(final_path=Path(final), steps=self.step_count, seconds=self.train_seconds)
 
-    def _run_step(self, metrics: MetricsLog, bar: tqdm) -> None:
+    def _run_step(self, metrics: MetricsLog | None, bar: tqdm) -> None:
+        """One step, logged by the main process (``metrics`` is None on the others)."""
         started = time.perf_counter()
         values = self.step()
         self.train_seconds += time.perf_counter() - started
-        values["time/step"] = time.perf_counter() - started
-        values["memory/peak_mb"] = peak_memory_mb(next(self.model.parameters()).device)
+        peak_mb = self.processes.max([peak_memory_mb(next(self.model.parameters()).device)])[0]  # the fullest rank
         self.step_count += 1
+        if self.stage.save.every and self.step_count % self.stage.save.every == 0:
+            self.save_checkpoint()
+        if metrics is None:
+            return
+        values["time/step"] = time.perf_counter() - started
+        values["memory/peak_mb"] = peak_mb
         if self.step_count % self.stage.logging.log_every == 0:
             metrics.write(self.step_count, values)
         bar.update(1)
@@ -191,25 +223,24 @@ class GRPOTrainer:
         if self.stage.algorithm.beta > 0:
             shown["kl"] = f"{values['kl']:.4f}"
         bar.set_postfix(shown)
-        if self.stage.save.every and self.step_count % self.stage.save.every == 0:
-            self.save_checkpoint()
 
     def step(self) -> dict[str, Any]:
-        """One GRPO step (numbered as in the module docstring); returns what to log."""
+        """One GRPO step (numbered as in the module docstring); returns what to log (on the main
+        process; an empty dict on the others)."""
         algorithm = self.stage.algorithm
         self.model.eval()
         # steps 1-4: prompts -> completions -> rewards -> advantages (with dynamic sampling)
-        with autocast(self.model):
+        with self.update.gathered(), autocast(self.model):
             batch = self.sampler.sample(self.stream, self.stage.optim.batch_size, self.stage.seed * 100003 +
                                         self.step_count, algorithm.dynamic_sampling, algorithm.max_refill_tries)
-        if not batch.parts:
+        if batch.kept_groups == 0:
             raise TrainingStopped(self._why_no_groups(batch))
         # step 5: log-probs of the sampling policy (only needed when it changes during the step)
         # and of the reference
         train_start = time.perf_counter()
-        micros = self._micro_batches(batch)
+        micros = self._padded(self._micro_batches(batch), batch)
         masks = [self._loss_mask(micro) for micro in micros]
-        old = [self._logprobs(micro, self.model) for micro in micros] if algorithm.num_iterations > 1 else None
+        old = [self._logprobs(micro, self.scorer) for micro in micros] if algorithm.num_iterations > 1 else None
         ref = [self._reference_logprobs(micro) for micro in micros] if algorithm.beta > 0 else None
         # step 6: mu policy updates on the same samples, all at this step's learning rate
         self.model.train()
@@ -217,23 +248,28 @@ class GRPOTrainer:
         updates = [self._update(micros, masks, old, ref) for _ in range(algorithm.num_iterations)]
         self.scheduler.step()
         train_s = time.perf_counter() - train_start
-        # step 7: what to log
+        # step 7: what to log, gathered on the main process
+        batches = self.processes.gather(batch.for_logging() if self.processes.distributed else batch)
+        if not self.processes.is_main:
+            return {}
+        batch = SampledBatch.merged(batches)
         if self.stage.logging.rollouts_every and self.step_count % self.stage.logging.rollouts_every == 0:
             self._dump_rollouts(batch)
         return {**self._step_metrics(batch, updates, train_s), "learning_rate": learning_rate}
 
     def _update(self, micros: list[MicroBatch], masks: list[torch.Tensor], old: list[torch.Tensor] | None,
                 ref: list[torch.Tensor] | None) -> UpdateStats:
-        """One optimizer step over all groups of the batch (gradients accumulated per micro-batch,
-        with the whole batch's normaliser so the result equals one pass over the batch)."""
+        """One optimizer step over all groups of the batch (gradients accumulated per micro-batch
+        and summed over the ranks, with the whole batch's normalisers so the result equals one pass
+        over the batch)."""
         algorithm = self.stage.algorithm
-        num_sequences = sum(m.shape[0] for m in masks)
-        num_tokens = float(sum(m.sum() for m in masks))
-        self.optimizer.zero_grad(set_to_none=True)
+        num_sequences, num_tokens = self.processes.sum([
+            sum(m.shape[0] for m, micro in zip(masks, micros, strict=True) if micro.weight),
+            sum(float(m.sum()) for m, micro in zip(masks, micros, strict=True) if micro.weight)])
         loss_sum, clip_sum, kl_sum, entropy_sum = 0.0, 0.0, 0.0, 0.0
         for index, micro in enumerate(micros):
             with autocast(self.model):
-                logp, entropy = self._completion_logprobs(micro, self.model)
+                logp, entropy = self._completion_logprobs(micro, self.update.forward)
                 device = logp.device  # rollouts and masks live on the CPU; the model may not
                 mask = masks[index].to(device)
                 result = policy_loss(
@@ -242,23 +278,21 @@ class GRPOTrainer:
                     aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
                     beta=algorithm.beta, ref_logp=ref[index] if ref else None,
                     num_sequences=num_sequences, num_tokens=num_tokens, importance_level=algorithm.importance_level)
-            result.loss.backward()
-            share = float(mask.sum()) / max(num_tokens, 1.0)
-            loss_sum += float(result.loss.detach())
+            self.update.backward(result.loss * micro.weight, last=index == len(micros) - 1)
+            share = float(mask.sum()) / max(num_tokens, 1.0) * micro.weight
+            loss_sum += float(result.loss.detach()) * micro.weight
             clip_sum += float(result.clip_fraction) * share
             kl_sum += float(result.kl) * share
-            entropy_sum += float((entropy * mask).sum()) / max(num_tokens, 1.0)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, self.stage.optim.max_grad_norm))
-        skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
-        if skipped:
-            self._skip_update(loss_sum, grad_norm)
-        else:
-            self.optimizer.step()
+            entropy_sum += float((entropy * mask).sum()) / max(num_tokens, 1.0) * micro.weight
+        loss_sum, clip_sum, kl_sum, entropy_sum = self.processes.sum([loss_sum, clip_sum, kl_sum, entropy_sum])
+        grad_norm, applied = self.update.step(self.stage.optim.max_grad_norm, math.isfinite(loss_sum))
+        if applied:
             self.bad_in_row = 0
-        return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, skipped)
+        else:
+            self._skip_update(loss_sum, grad_norm)
+        return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, not applied)
 
     def _skip_update(self, loss: float, grad_norm: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
         self.bad_in_row += 1
         logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
                        self.step_count + 1, loss, grad_norm, self.bad_in_row)
@@ -288,31 +322,41 @@ class GRPOTrainer:
                 micros.append(MicroBatch(part, slice(start, stop), inputs, min(size, group), images))
         return micros
 
-    def _completion_logprobs(self, micro: MicroBatch, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, T]`` log-probs and entropies of the micro-batch's completions, each prompt run once
-        for its completions (with gradient checkpointing, the gradient pass runs it once per
-        completion), the vocabulary logits made ``optim.logprob_chunk`` positions at a time."""
-        device = next(model.parameters()).device
+    def _padded(self, micros: list[MicroBatch], batch: SampledBatch) -> list[MicroBatch]:
+        """``micros`` followed by weight-0 repeats until every rank has as many as the rank with
+        the most (ZeRO-3 gathers weights in every pass, so all ranks must run the same passes)."""
+        most = int(self.processes.max([len(micros)])[0])
+        if len(micros) == most:
+            return micros
+        filler = micros[0] if micros else self._micro_batches(SampledBatch(parts=[batch.spare]))[0]
+        return micros + [replace(filler, weight=0.0)] * (most - len(micros))
+
+    def _completion_logprobs(self, micro: MicroBatch, scorer: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, T]`` log-probs and entropies of the micro-batch's completions by ``scorer`` (a
+        ``CompletionScorer``, or the update's forward through it)."""
+        device = next(self.model.parameters()).device
         rollouts = micro.part.rollouts
         tokens, mask = rollouts.completion_ids[micro.rows].to(device), rollouts.completion_mask[micro.rows].to(device)
-        inputs = micro.prompt_inputs.to(device)
-        if model.training and self.stage.optim.gradient_checkpointing:  # checkpointed layers keep no KV cache
-            hidden = full_hidden(model, inputs, tokens, mask, micro.repeat, micro.images_per_prompt)
-        else:
-            hidden = completion_hidden(model, inputs, tokens, mask, micro.repeat)
-        return completion_logprobs(model, hidden, tokens, self.stage.rollout.temperature,
-                                   self.stage.optim.logprob_chunk)
+        return scorer(micro.prompt_inputs.to(device), tokens, mask, micro.repeat, micro.images_per_prompt)
 
     @torch.no_grad()
-    def _logprobs(self, micro: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
-        with autocast(model):
-            return self._completion_logprobs(micro, model)[0]
+    def _logprobs(self, micro: MicroBatch, scorer: CompletionScorer) -> torch.Tensor:
+        with autocast(scorer.model):
+            return self._completion_logprobs(micro, scorer)[0]
 
     def _reference_logprobs(self, micro: MicroBatch) -> torch.Tensor:
         if self.reference is not None:
             return self._logprobs(micro, self.reference)
         with self.model.disable_adapter():  # LoRA: the reference is the base model, no copy
-            return self._logprobs(micro, self.model)
+            return self._logprobs(micro, self.scorer)
+
+    def _scorer(self, model: torch.nn.Module) -> CompletionScorer:
+        """Log-probs by ``model``: each prompt run once for its completions (with gradient
+        checkpointing, the gradient pass runs it once per completion), the vocabulary logits made
+        ``optim.logprob_chunk`` positions at a time."""
+        optim = self.stage.optim
+        return CompletionScorer(model, self.stage.rollout.temperature, optim.logprob_chunk,
+                                full_forwards=optim.gradient_checkpointing)
 
     def _length_penalty(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """DAPO's overlong shaping of the total reward, when ``algorithm.overlong_buffer`` > 0."""
@@ -384,8 +428,9 @@ class GRPOTrainer:
                 "or raise algorithm.max_refill_tries.")
 
     def _out_of_time(self) -> bool:
+        """Whether the time budget is spent (by the slowest rank: all ranks stop together)."""
         budget = self.stage.optim.time_budget_s
-        return budget is not None and self.train_seconds >= budget
+        return budget is not None and self.processes.max([self.train_seconds])[0] >= budget
 
     def _dump_rollouts(self, batch: SampledBatch) -> None:
         with (self.out / "rollouts.jsonl").open("a") as handle:
@@ -417,17 +462,26 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-<step>`` atomically: into a temporary folder, marked complete, then
-        renamed into place (see ``vlreason.training.checkpoints``)."""
+        renamed into place (see ``vlreason.training.checkpoints``). Every rank adds its part
+        (its RNG state; with DeepSpeed its shards); the main process writes the rest and renames."""
         path = self.out / f"checkpoint-{self.step_count}"
         tmp = path.with_name(path.name + ".tmp")
-        trainable = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
-        state = {"model": trainable, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step": self.step_count, "stream": self.stream.state(), "bad_in_row": self.bad_in_row,
-                 "train_seconds": self.train_seconds, "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        self.processes.on_main(lambda: _fresh_folder(tmp))
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            entries = self.update.save(tmp)
+        except OSError as exc:
+            raise (disk_full(exc, tmp) or exc) from exc
+        rng = self.processes.gather({"torch": torch.get_rng_state(),
+                                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+        state = {**entries, "scheduler": self.scheduler.state_dict(), "step": self.step_count,
+                 "stream": self.stream.state(), "bad_in_row": self.bad_in_row, "train_seconds": self.train_seconds,
+                 "rng": rng, "world_size": self.processes.world_size}
+        self.processes.on_main(lambda: self._write_checkpoint(state, tmp, path))
+        self.saved_step = self.step_count
+        return path
+
+    def _write_checkpoint(self, state: dict[str, Any], tmp: Path, path: Path) -> None:
+        try:
             torch.save(state, tmp / STATE_FILE)
             with (tmp / STATE_FILE).open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -438,29 +492,27 @@ class GRPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise (disk_full(exc, tmp) or exc) from exc
         prune_checkpoints(self.out, self.stage.save.keep)
-        self.saved_step = self.step_count
-        return path
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint of this stage, if there is one."""
-        remove_incomplete(self.out)
+        """Load the newest complete checkpoint of this stage, if there is one (every rank)."""
+        self.processes.on_main(lambda: remove_incomplete(self.out))
         path = latest_checkpoint(self.out)
         if path is None:
             return
         check_same_data(path, self.stream.samples, self.stage.data.train)
         state = torch.load(path / STATE_FILE, weights_only=False, map_location="cpu")  # loaded onto the model's device
-        missing = set(name for name, p in self.model.named_parameters() if p.requires_grad) - set(state["model"])
-        if missing:
-            raise ValueError(f"{path} does not match this model/config (missing {len(missing)} trainable tensors, "
-                             f"e.g. {sorted(missing)[0]}); resume with the config the run was started with")
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.processes.world_size and self.stage.optim.deepspeed:
+            raise ConfigError(f"{path} was written by {saved_world} process(es); DeepSpeed resumes its partitions "
+                              f"only with as many (this run has {self.processes.world_size})")
+        self.update.load(path, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = state["step"]
         self.stream = PromptStream(self.stream.samples, self.stage.seed, **state["stream"])
         self.bad_in_row = state["bad_in_row"]
         self.train_seconds = state["train_seconds"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rng = state["rng"][min(self.processes.rank, len(state["rng"]) - 1)]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = self.saved_step = checkpoint_step(path)

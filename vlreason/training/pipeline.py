@@ -10,10 +10,15 @@ An output folder holding an earlier run is refused unless ``resume`` (continue i
 ``overwrite`` (delete its outputs first) says what to do. With ``resume``, stages that reached
 their ``optim.max_steps`` are skipped and the first unfinished one continues from its newest
 checkpoint (a finished stage whose ``max_steps`` was raised counts as unfinished).
+
+Under a multi-process launcher (``vlreason.training.distributed``) every rank runs this: the
+main process holds the lock, checks and prepares the folders, writes the summaries and evaluates;
+the others read and check the data themselves and train alongside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -25,8 +30,9 @@ import yaml
 from vlreason.config import PipelineConfig, StageConfig, StageKind, as_dict, final_checkpoint
 from vlreason.eval import evaluate, write_report
 from vlreason.models.vlm import load_vlm
+from vlreason.training.distributed import processes
 from vlreason.training.grpo import run_grpo
-from vlreason.training.preflight import StageInputs, check_pipeline, stage_finished
+from vlreason.training.preflight import StageInputs, check_pipeline, stage_finished, stage_inputs
 from vlreason.training.run_dir import RunLock
 from vlreason.training.sft import StageResult, run_sft
 
@@ -46,24 +52,32 @@ class StageOutcome:
 def run_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool = False) -> list[StageOutcome]:
     """Check the whole config, then train and evaluate its stages in order (see the module docstring)."""
     out = Path(config.output_dir)
-    with RunLock(out):
-        inputs = check_pipeline(config, resume, overwrite)
-        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
+    ranks = processes()
+    with RunLock(out) if ranks.is_main else contextlib.nullcontext():
+        checked = ranks.on_main(lambda: _prepare(config, resume, overwrite))
+        inputs = checked if ranks.is_main else {stage.name: stage_inputs(stage) for stage in config.stages}
         outcomes = [_run_or_skip(stage, resume, inputs[stage.name]) for stage in config.stages]
-        (out / "pipeline.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
+        if ranks.is_main:
+            (out / "pipeline.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
     return outcomes
+
+
+def _prepare(config: PipelineConfig, resume: bool, overwrite: bool) -> dict[str, StageInputs]:
+    inputs = check_pipeline(config, resume, overwrite)
+    (Path(config.output_dir) / "config.yaml").write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
+    return inputs
 
 
 def _run_or_skip(stage: StageConfig, resume: bool, inputs: StageInputs) -> StageOutcome:
     final = Path(final_checkpoint(stage.output_dir))
     if resume and stage_finished(stage):
         logger.info("stage %s finished earlier (%s); skipping it", stage.name, final)
-        return StageOutcome(stage.name, stage.kind.value, str(final), None, None,
-                            _read_eval(stage) or evaluate_stage(stage))  # evaluated unless that was cut short
+        return StageOutcome(stage.name, stage.kind.value, str(final), None, None,  # evaluated unless cut short
+                            processes().on_main(lambda: _read_eval(stage) or evaluate_stage(stage)))
     logger.info("stage %s (%s) -> %s", stage.name, stage.kind.value, stage.output_dir)
     result = run_stage(stage, resume, inputs)
     return StageOutcome(stage.name, stage.kind.value, str(result.final_path), result.steps,
-                        round(result.seconds, 2), evaluate_stage(stage))
+                        round(result.seconds, 2), processes().on_main(lambda: evaluate_stage(stage)))
 
 
 def run_stage(stage: StageConfig, resume: bool = False, inputs: StageInputs | None = None) -> StageResult:

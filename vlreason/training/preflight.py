@@ -23,7 +23,9 @@ from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM, resolve_device
 from vlreason.rewards.api import RewardFn, check_columns, get_reward
 from vlreason.training.checkpoints import checkpoint_step, checkpoints, read_stage_record
+from vlreason.training.distributed import processes
 from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
+from vlreason.training.update import read_deepspeed_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     if stage.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"{where}.logging.wandb_project: logging to Weights & Biases needs the wandb package: "
                           "pip install 'vlreason[wandb]' (or set logging.wandb_project=null)")
+    if stage.optim.deepspeed:
+        read_deepspeed_file(stage.optim.deepspeed, f"{where}.optim.deepspeed")
     data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
     _refuse_video(data.video_sources, stage.data.train, f"{where}.data.train")
     samples = data.samples[: stage.data.max_samples]
@@ -156,6 +160,9 @@ def _check_device(stage: StageConfig, where: str) -> None:
         device = resolve_device(stage.model.device)
     except ValueError as exc:
         raise ConfigError(f"{where}.model.device: {exc}") from None
+    if processes().distributed and device.index is not None:
+        raise ConfigError(f"{where}.model.device: with several processes each one uses its own GPU (LOCAL_RANK); "
+                          "set model.device=auto (or cuda), and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if stage.kind is not StageKind.SFT:
         return
     if device.type == "cuda" and (device.index or 0) > 0:

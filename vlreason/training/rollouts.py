@@ -4,6 +4,11 @@ A ``Group`` batch holds everything the update needs for B' prompts: their encode
 N = B' * G completions, the reward table and the advantages. With dynamic sampling the groups
 whose rewards are all equal carry no signal and are dropped; the batch is then refilled from the
 next prompts, a bounded number of times.
+
+With several processes every rank draws the same prompts (the stream and the image checks are
+the same everywhere) and samples, scores and keeps its contiguous share of them; the counts that
+decide the loop (groups kept) and the batch-wide reward std are summed over the ranks, so every
+rank runs the same draws and one process would have sampled the same completions.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from vlreason.rewards.scoring import RewardScorer, RewardTable, dataset_columns,
 from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
 from vlreason.rollout.engine import RolloutEngine, Rollouts, SamplingParams
 from vlreason.training import TrainingStopped
+from vlreason.training.distributed import Processes
 from vlreason.vision.images import ImageInfo
 
 logger = logging.getLogger(__name__)
@@ -95,17 +101,35 @@ class GroupBatch:
 
 @dataclass
 class SampledBatch:
-    """What one step sampled: the groups kept for the update, and the statistics of all sampled."""
+    """What one step sampled: this process's groups kept for the update, the statistics of all it
+    sampled, and the counts over all processes."""
 
     parts: list[GroupBatch]
-    sampled_groups: int = 0
-    kept_groups: int = 0
+    sampled_groups: int = 0  # all processes
+    kept_groups: int = 0  # all processes
     draws: int = 0
     skipped_samples: int = 0  # samples whose images failed to load
     all_tables: list[RewardTable] = field(default_factory=list)
     all_rollouts: list[Rollouts] = field(default_factory=list)
     generate_s: float = 0.0
     reward_s: float = 0.0
+    spare: GroupBatch | None = None  # a dropped group, for padding passes when no group was kept here
+
+    def for_logging(self) -> SampledBatch:
+        """A copy without the encoded prompts (pixels), small enough to gather on the main process."""
+        parts = [replace(part, prompt_inputs=BatchFeature()) for part in self.parts]
+        return replace(self, parts=parts, spare=None)
+
+    @staticmethod
+    def merged(batches: Sequence[SampledBatch]) -> SampledBatch:
+        """Every process's batch as one, in rank order (counts over all processes are taken as
+        they are; times are the slowest process's)."""
+        first = batches[0]
+        return replace(first, parts=[p for b in batches for p in b.parts],
+                       all_tables=[t for b in batches for t in b.all_tables],
+                       all_rollouts=[r for b in batches for r in b.all_rollouts],
+                       generate_s=max(b.generate_s for b in batches), reward_s=max(b.reward_s for b in batches),
+                       spare=None)
 
 
 class GroupSampler:
@@ -114,9 +138,10 @@ class GroupSampler:
     def __init__(self, vlm: VLM, engine: RolloutEngine, scorer: RewardScorer, weights: torch.Tensor,
                  data_columns: Sequence[str], group_size: int, sampling: SamplingParams,
                  scale: AdvantageScale, clock: Callable[[], float],
-                 length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 processes: Processes | None = None):
         """``length_penalty``: ``[N]`` completion lengths -> ``[N]`` added to the total reward
-        (DAPO's overlong shaping), or None."""
+        (DAPO's overlong shaping), or None. ``processes``: the ranks sharing each draw (default: one)."""
         self.vlm = vlm
         self.engine = engine
         self.scorer = scorer
@@ -127,11 +152,12 @@ class GroupSampler:
         self.scale = scale
         self.clock = clock
         self.length_penalty = length_penalty
+        self.processes = processes or Processes()
 
     def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int
                ) -> SampledBatch:
-        """Groups for one update: ``batch_size`` prompts, or with dynamic sampling up to
-        ``batch_size`` prompts whose groups have reward variance, drawing at most
+        """Groups for one update: ``batch_size`` prompts over all processes, or with dynamic
+        sampling up to ``batch_size`` prompts whose groups have reward variance, drawing at most
         ``1 + max_refills`` batches of prompts."""
         out = SampledBatch(parts=[])
         draws_allowed = 1 + (max_refills if dynamic else 0)
@@ -139,14 +165,15 @@ class GroupSampler:
             needed = batch_size - out.kept_groups if dynamic else batch_size
             samples, images = self._load_prompts(stream, needed, out)
             out.draws += 1
-            part = self._sample_part(samples, images, seed * 1000 + out.draws, out)
-            if dynamic:
-                part = self._drop_flat_groups(part, images)
+            share = self.processes.shard(len(samples))
+            part = self._sample_share(samples, images, share, seed * 1000 + out.draws, out)
+            out.sampled_groups += len(samples)
+            if dynamic and part is not None:
+                part = self._drop_flat_groups(part, images[share], out)
             if part is not None:
                 out.parts.append(part)
-                out.kept_groups += part.num_prompts
+            out.kept_groups += int(self.processes.sum([part.num_prompts if part is not None else 0])[0])
         return out
-
     def _load_prompts(self, stream: PromptStream, n: int, out: SampledBatch
                       ) -> tuple[list[Sample], list[list[Image.Image]]]:
         """The next ``n`` prompts whose images load; a sample whose image fails is skipped (counted in
@@ -169,28 +196,43 @@ class GroupSampler:
                                       "data holds (see the warnings above); check the files with `vlreason data check`")
         return samples, images
 
-    def _sample_part(self, samples: list[Sample], images: list[list[Image.Image]], seed: int,
-                     out: SampledBatch) -> GroupBatch:
+    def _sample_share(self, samples: list[Sample], images: list[list[Image.Image]], share: slice, seed: int,
+                      out: SampledBatch) -> GroupBatch | None:
+        """This process's ``share`` of one draw, sampled, scored and with advantages (None when the
+        share is empty). Every process calls this for every draw: the batch std is a collective."""
         g = self.group_size
+        part = None
+        if share.stop > share.start:
+            part = self._sample_part(samples[share], images[share], replace(
+                self.sampling, n=g, seed=seed, first_row=share.start * g, total_rows=len(samples) * g), out)
+        rewards = part.rewards if part is not None else torch.empty(0)
+        batch_rewards = None
+        if self.scale is AdvantageScale.BATCH and self.processes.distributed:
+            batch_rewards = torch.cat(self.processes.gather(rewards))
+        if part is not None:
+            part.advantages = group_advantages(rewards, g, self.scale, batch_rewards)
+        return part
+
+    def _sample_part(self, samples: list[Sample], images: list[list[Image.Image]], sampling: SamplingParams,
+                     out: SampledBatch) -> GroupBatch:
+        """Steps 1-4 for some prompts (advantages are set by the caller)."""
         # step 1: encode each prompt and its images once
         start = self.clock()
         prompt_inputs, infos = self.vlm.encode([s.prompt_messages for s in samples], images)
         # step 2: sample G completions per prompt
-        rollouts = self.engine.generate(prompt_inputs, replace(self.sampling, n=g, seed=seed))
+        rollouts = self.engine.generate(prompt_inputs, sampling)
         out.generate_s += self.clock() - start
         # step 3: score every completion with every reward (boxes parsed into original pixels)
         start = self.clock()
         table = self._score(samples, infos, rollouts)
         out.reward_s += self.clock() - start
-        out.sampled_groups += len(samples)
         out.all_tables.append(table)
         out.all_rollouts.append(rollouts)
-        # step 4: weighted total reward and group-normalised advantages
+        # step 4: weighted total reward (advantages: normalised within each group by the caller)
         rewards = combine_rewards(torch.from_numpy(table.values).float(), self.weights)
         if self.length_penalty is not None:
             rewards = rewards + self.length_penalty(rollouts.completion_mask.sum(dim=1))  # NaN stays NaN
-        advantages = group_advantages(rewards, g, self.scale)
-        return GroupBatch(samples, prompt_inputs, rollouts, table, rewards, advantages)
+        return GroupBatch(samples, prompt_inputs, rollouts, table, rewards, torch.zeros_like(rewards))
 
     def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], rollouts: Rollouts) -> RewardTable:
         g = self.group_size
@@ -203,14 +245,17 @@ class GroupSampler:
                                      zip(rollouts.completion_ids, rollouts.completion_mask, strict=True)]
         return self.scorer(rollouts.texts, columns)
 
-    def _drop_flat_groups(self, part: GroupBatch, images: list[list[Image.Image]]) -> GroupBatch | None:
+    def _drop_flat_groups(self, part: GroupBatch, images: list[list[Image.Image]], out: SampledBatch
+                          ) -> GroupBatch | None:
         """Keep only groups with reward variance (DAPO's dynamic sampling). The kept prompts are
-        encoded again, which gives exactly the inputs they were sampled with."""
+        encoded again, which gives exactly the inputs they were sampled with. A part dropped
+        whole is kept as ``out.spare`` (its advantages are all 0)."""
         flat = zero_variance_groups(part.rewards, self.group_size)  # [B']
         if not flat.any():
             return part
         keep = [i for i in range(part.num_prompts) if not flat[i]]
         if not keep:
+            out.spare = out.spare or part
             return None
         rows = torch.tensor([i * self.group_size + j for i in keep for j in range(self.group_size)])
         samples = [part.samples[i] for i in keep]

@@ -47,10 +47,12 @@ from vlreason.training.checkpoints import (
     write_marker,
     write_stage_record,
 )
+from vlreason.training.distributed import processes
 from vlreason.training.interrupt import InterruptFlag, TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, stage_metrics_log
 from vlreason.training.model_setup import compute_dtype, load_checkpoint_weights, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
+from vlreason.training.update import deepspeed_config, whole_weights
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -86,13 +88,14 @@ def run_sft(stage: StageConfig, resume: bool = False, inputs: StageInputs | None
         steps = checkpoint_step(checkpoint)
     else:
         steps = _train(stage, vlm, samples, collator, clock, checkpoint)
-    final = save_final(vlm, final_checkpoint(out))
-    write_stage_record(out, steps, clock.elapsed)
+    final = Path(final_checkpoint(out))
+    with whole_weights(vlm.model):
+        processes().on_main(lambda: (save_final(vlm, final), write_stage_record(out, steps, clock.elapsed)))
     return StageResult(final_path=final, steps=steps, seconds=clock.elapsed)
 
 
 def _resume_point(out: Path, samples: list[Sample], stage: StageConfig) -> Path | None:
-    remove_incomplete(out)
+    processes().on_main(lambda: remove_incomplete(out))
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
         check_same_data(checkpoint, samples, stage.data.train)
@@ -104,7 +107,7 @@ def _train(stage: StageConfig, vlm: VLM, samples: list[Sample], collator: SFTCol
     """Run ``Trainer`` (from ``checkpoint`` when given); returns the steps done. Ctrl-C saves a
     checkpoint and raises ``TrainingInterrupted``."""
     out = Path(stage.output_dir)
-    log = stage_metrics_log(stage, checkpoint_step(checkpoint))
+    log = stage_metrics_log(stage, checkpoint_step(checkpoint)) if processes().is_main else None
     with catch_interrupt() as interrupt:
         callback = StageCallback(stage, collator, clock, log, data_fingerprint(samples), interrupt)
         trainer = VLTrainer(model=vlm.model, args=training_arguments(stage, vlm.model),
@@ -115,7 +118,8 @@ def _train(stage: StageConfig, vlm: VLM, samples: list[Sample], collator: SFTCol
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
     step = trainer.state.global_step
     if interrupt.requested:
         raise TrainingInterrupted(stage.name, step, out / f"checkpoint-{step}")
@@ -123,10 +127,20 @@ def _train(stage: StageConfig, vlm: VLM, samples: list[Sample], collator: SFTCol
 
 
 class VLTrainer(Trainer):
-    """``Trainer`` that resumes Qwen-VL weights correctly. ``save_pretrained`` writes checkpoints in
-    the hub's key layout (``visual.*``, ``model.*``), and ``Trainer``'s own resume loads them
-    without converting the keys back, so it loads nothing and warns (transformers#43701);
-    ``from_pretrained`` converts them."""
+    """``Trainer`` with two fixes for Qwen-VL models.
+
+    * The loss is the mean over every answer token of the global batch, however it is split over
+      processes: the models' loss reads ``Trainer``'s global token count, but they declare
+      ``accepts_loss_kwargs = False``, so ``Trainer`` would average per-process means instead
+      (unequal when processes hold different numbers of tokens).
+    * Resuming loads the weights: ``save_pretrained`` writes the hub's key layout (``visual.*``,
+      ``model.*``), and ``Trainer``'s own resume loads them without converting the keys back, so
+      it loads nothing and warns (transformers#43701); ``from_pretrained`` converts them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         load_checkpoint_weights(model or self.model, Path(resume_from_checkpoint))
@@ -138,10 +152,12 @@ def training_arguments(stage: StageConfig, model: torch.nn.Module) -> TrainingAr
     optim, log = stage.optim, stage.logging
     on_cpu = next(model.parameters()).device.type == "cpu"
     dtype = compute_dtype(model)
+    per_rank = processes().per_rank(optim.batch_size, f"stages[{stage.name}].optim.batch_size")
     return TrainingArguments(
         output_dir=stage.output_dir,
         max_steps=optim.max_steps,
-        per_device_train_batch_size=optim.batch_size,
+        per_device_train_batch_size=per_rank,
+        deepspeed=deepspeed_config(optim, dtype, per_rank) if optim.deepspeed else None,
         learning_rate=optim.learning_rate,
         lr_scheduler_type=optim.scheduler.value,
         warmup_steps=optim.warmup_steps,
@@ -286,7 +302,7 @@ class WallClock(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.elapsed = self.start_s + time.perf_counter() - self.started
-        if self.budget_s is not None and self.elapsed >= self.budget_s:
+        if self.budget_s is not None and processes().max([self.elapsed])[0] >= self.budget_s:  # all ranks stop
             logger.info("time budget of %.0f s reached at step %d", self.budget_s, state.global_step)
             control.should_training_stop = True
             control.should_save = True
@@ -298,8 +314,9 @@ class StageCallback(TrainerCallback):
     the epoch for thought dropout, Ctrl-C as save-and-stop, and complete-checkpoint markers with
     pruning by step."""
 
-    def __init__(self, stage: StageConfig, collator: SFTCollator, clock: WallClock, log: MetricsLog,
+    def __init__(self, stage: StageConfig, collator: SFTCollator, clock: WallClock, log: MetricsLog | None,
                  fingerprint: dict[str, Any], interrupt: InterruptFlag):
+        """``log``: None on all but the main process."""
         self.stage = stage
         self.collator = collator
         self.clock = clock
@@ -312,13 +329,13 @@ class StageCallback(TrainerCallback):
         self.collator.epoch = math.floor(state.epoch + 1e-6)  # a resumed epoch starts mid-way (e.g. 2.25)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.interrupt.requested:
+        if processes().max([self.interrupt.requested])[0]:  # every rank stops at the same step
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if not logs or "train_runtime" in logs:  # Trainer's end-of-run summary is no step of its own
+        if self.log is None or not logs or "train_runtime" in logs:  # the summary at the end is no step
             return
         values = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
         values["data/skipped_samples"] = float(self.collator.skipped - self.skipped_logged)
@@ -326,9 +343,12 @@ class StageCallback(TrainerCallback):
         self.log.write(state.global_step, values)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Mark the checkpoint complete once every rank has written its part into it."""
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        write_marker(folder, {"step": state.global_step, "data": self.fingerprint, "seconds": self.clock.elapsed})
-        prune_checkpoints(args.output_dir, self.stage.save.keep)
+        marker = {"step": state.global_step, "data": self.fingerprint, "seconds": self.clock.elapsed}
+        processes().barrier()
+        processes().on_main(lambda: (write_marker(folder, marker), prune_checkpoints(args.output_dir,
+                                                                                   self.stage.save.keep)))
 
 
 class QuietProgress(ProgressCallback):
