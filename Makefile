@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/reward_throughput.py --json benchmarks/results/reward_throughput.json
 	$(BIN)/python benchmarks/grpo_step_vs_trl.py --json benchmarks/results/grpo_step_vs_trl.json
 	$(BIN)/python benchmarks/token_sampling.py --json benchmarks/results/token_sampling.json
+	$(BIN)/python benchmarks/grpo_memory.py --json benchmarks/results/grpo_memory.json
 
 tokenizer: $(STAMP)
 	$(BIN)/python scripts/build_tiny_tokenizer.py

@@ -151,8 +151,9 @@ class OptimConfig:
     time_budget_s: float | None = None  # also stop (and save) after this much training time (not reproducible)
     max_bad_steps: int = 5  # stop after this many non-finite losses or gradients in a row
     # GRPO memory: token positions whose [positions, vocabulary] logits exist at once in a
-    # log-prob pass (recomputed chunk by chunk in backward)
-    logprob_chunk: int = 4096
+    # log-prob pass (recomputed chunk by chunk in backward); null: 2**26 logits (256 MB in
+    # float32), 441 positions at Qwen's vocabulary
+    logprob_chunk: int | None = None
     # GRPO memory: completions per forward/backward pass (gradients accumulate to the same update);
     # null: all of a batch at once. A multiple or a divisor of rollout.num_generations
     micro_batch_size: int | None = None
@@ -282,7 +283,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optim.batch_size", _positive, "must be >= 1"),
     ("optim.max_steps", _positive, "must be >= 1"),
     ("optim.max_bad_steps", _positive, "must be >= 1"),
-    ("optim.logprob_chunk", _positive, "must be >= 1"),
+    ("optim.logprob_chunk", _positive, "must be >= 1, or null for 2**26 logits per chunk"),
     ("optim.micro_batch_size", _positive, "must be >= 1, or null for the whole batch at once"),
     ("optim.learning_rate", _positive, "must be > 0"),
     ("optim.warmup_steps", _non_negative, "must be >= 0"),

@@ -137,3 +137,14 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
     with pytest.raises(ValueError, match="'llama' is not supported"):
         load_vlm(tmp_path)
+
+
+def test_a_tiny_model_can_have_a_real_vocabulary_larger_than_its_tokenizer():
+    from vlreason.models.tiny import TinySpec
+    from vlreason.models.vlm import build_tiny_vlm
+
+    vlm = build_tiny_vlm("tiny-qwen2.5-vl", spec=TinySpec(vocab_size=151_936), seed=0)
+    assert vlm.model.get_output_embeddings().weight.shape[0] == 151_936
+    assert vlm.tokenizer.decode([100_000]) == ""  # ids past the tokenizer decode to nothing
+    with pytest.raises(ValueError, match="vocab_size must hold the tokenizer's 1032 tokens"):
+        build_tiny_vlm("tiny-qwen2.5-vl", spec=TinySpec(vocab_size=100), seed=0)

@@ -182,6 +182,15 @@ def test_grpo_under_deepspeed_zero_matches_resumes_and_saves_a_plain_model(tmp_p
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in weights(final).items())
 
 
+def test_one_process_under_deepspeed_gives_the_plain_update(tmp_path, data, grpo_runs):
+    zero2 = str(REPO / "configs" / "deepspeed" / "zero2.json")
+    config = write_config(tmp_path, data, grpo_stage(tmp_path, 4, deepspeed=zero2))
+    done = subprocess.run([sys.executable, "-m", "vlreason", "train", str(config)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, check=False)  # its own process: DeepSpeed makes a process group
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_same_update(tmp_path / "runs" / "grpo" / "final", grpo_runs["one"] / "final")
+
+
 @pytest.mark.slow
 def test_sft_under_zero3_with_cpu_offload_gives_the_single_process_update(tmp_path, data):
     run_one(write_config(tmp_path / "one", data, sft_stage(3)))

@@ -45,6 +45,9 @@ class TinySpec:
     # then sits on a plateau for ~1000 steps before it learns to look at the shape it must localise
     # (the quickstart's SFT); at 0.1 the plateau ends after ~300 (measured, docs/ARCHITECTURE.md)
     initializer_range: float = 0.1
+    # the model's vocabulary: None for the tokenizer's (1032 tokens); a real family's size (Qwen:
+    # 151,936) for memory measurements, where ids past the tokenizer decode to nothing
+    vocab_size: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -62,6 +65,8 @@ def tiny_config(adapter: FamilyAdapter, tokenizer: Any, spec: TinySpec = TinySpe
     """A seeded-initialisable config of ``adapter``'s family sized by ``spec``."""
     if spec.head_dim % 4 or spec.hidden_size % spec.num_heads:
         raise ValueError(f"{spec}: hidden_size must split into heads whose size is a multiple of 4")
+    if spec.vocab_size is not None and spec.vocab_size < len(tokenizer):
+        raise ValueError(f"{spec}: vocab_size must hold the tokenizer's {len(tokenizer)} tokens")
     top_level = {
         "initializer_range": spec.initializer_range,
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
@@ -71,7 +76,7 @@ def tiny_config(adapter: FamilyAdapter, tokenizer: Any, spec: TinySpec = TinySpe
     }
     half = spec.head_dim // 2  # mrope sections (temporal, height, width) split half the head
     text = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": spec.vocab_size or len(tokenizer),
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.num_layers,

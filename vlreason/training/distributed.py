@@ -147,6 +147,17 @@ def processes() -> Processes:
     return _CURRENT
 
 
+def ensure_process_group() -> None:
+    """A process group even for one process (DeepSpeed needs one): a single rank over an in-memory
+    store, no ports or launcher; a no-op once a group exists."""
+    if not dist.is_initialized():
+        dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _backend() -> str:
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def _join() -> Processes:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -155,8 +166,7 @@ def _join() -> Processes:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # "cuda" and "auto" then mean this rank's GPU
     if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
+        dist.init_process_group(_backend(), timeout=GROUP_TIMEOUT)
     if rank != 0:
         logging.getLogger("vlreason").setLevel(logging.WARNING)  # one copy of the progress lines
     logger.info("process group: %d processes (%s)", world_size, dist.get_backend())

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from vlreason.config import ConfigError, OptimConfig
-from vlreason.training.distributed import Processes
+from vlreason.training.distributed import Processes, ensure_process_group
 
 logger = logging.getLogger(__name__)
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a checkpoint holding DeepSpeed's own files
@@ -136,6 +136,7 @@ class DeepSpeedUpdate:
     def __init__(self, module: torch.nn.Module, optim: OptimConfig, processes: Processes):
         import deepspeed  # optional: pip install 'vlreason[deepspeed]'
 
+        ensure_process_group()  # also for one process
         self.module = module
         self.processes = processes
         self.config = deepspeed_config(optim, _dtype(module))
