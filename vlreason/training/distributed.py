@@ -149,8 +149,11 @@ def processes() -> Processes:
 
 def ensure_process_group() -> None:
     """A process group even for one process (DeepSpeed needs one): a single rank over an in-memory
-    store, no ports or launcher; a no-op once a group exists."""
+    store, no ports or launcher, with the variables a launcher would set; a no-op once a group
+    exists."""
     if not dist.is_initialized():
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
         dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1)
 
 
