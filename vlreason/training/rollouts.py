@@ -174,6 +174,7 @@ class GroupSampler:
                 out.parts.append(part)
             out.kept_groups += int(self.processes.sum([part.num_prompts if part is not None else 0])[0])
         return out
+
     def _load_prompts(self, stream: PromptStream, n: int, out: SampledBatch
                       ) -> tuple[list[Sample], list[list[Image.Image]]]:
         """The next ``n`` prompts whose images load; a sample whose image fails is skipped (counted in
