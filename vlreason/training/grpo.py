@@ -135,7 +135,6 @@ class GRPOTrainer:
         """``inputs``: the stage's validated data and rewards (read here when not given)."""
         self.stage = stage
         self.processes = processes()
-        self.processes.per_rank(stage.optim.batch_size, f"stages[{stage.name}].optim.batch_size")  # whole groups
         inputs = inputs or stage_inputs(stage)
         self.out = Path(stage.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,7 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     """Read and validate one stage's data, evaluation data and rewards."""
     where = f"stages[{stage.name}]"
     _check_device(stage, where)
+    processes().per_rank(stage.optim.batch_size, f"{where}.optim.batch_size")  # GRPO: whole groups per rank
     if stage.logging.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"{where}.logging.wandb_project: logging to Weights & Biases needs the wandb package: "
                           "pip install 'vlreason[wandb]' (or set logging.wandb_project=null)")
