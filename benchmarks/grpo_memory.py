@@ -125,8 +125,9 @@ def run_ours(root: Path, micro_batch: int | None, warmup: int, steps: int) -> di
                          "micro_batch_size": micro_batch},
                "logging": {"tensorboard": False, "rollouts_every": 0, "progress": False}, "save": {"every": 0}}]}
     trainer = GRPOTrainer(load_config(None, raw=raw).stages[0])
-    engine = trainer.sampler.engine
-    engine.suppress = torch.cat([engine.suppress, torch.tensor([engine.eos_id])])  # every completion full length
+    engine = trainer.sampler.loop.engine
+    eos = torch.tensor([trainer.vlm.tokenizer.eos_token_id])
+    engine.suppress = torch.cat([engine.suppress, eos])  # every completion full length
     for _ in range(warmup):
         trainer.step()
     baseline = _reset_peak()

@@ -134,6 +134,16 @@ def test_rewards_list_names_builtins_and_needed_columns(capsys):
     assert "package.module:attr" in out and "file.py:attr" in out
 
 
+def test_tools_list_names_builtins_and_what_they_do(capsys):
+    code, out, _ = run(capsys, "tools", "list")
+    assert code == 0
+    assert out.splitlines()[0].split() == ["tool", "what", "it", "does"]
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+    assert rows["crop"].split(None, 1)[1] == "Zoom in on a region of the image: returns the region cut from the " \
+        "full-resolution image, enlarged."
+    assert "package.module:attr" in out and "tools/README.md" in out
+
+
 def test_rewards_check_scores_reference_answers(data_dir, capsys):
     code, out, _ = run(capsys, "rewards", "check", "iou", "format", "--data", str(data_dir / "grounding.jsonl"),
                        "--show", "5")

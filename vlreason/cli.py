@@ -7,7 +7,8 @@
     vlreason data check FILE.jsonl [FILE ...]       validate every line, image and video
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
     vlreason rewards list                           built-in, registered and entry-point rewards
-    vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers"""
+    vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
+    vlreason tools list                             built-in, registered and entry-point tools"""
 
 from __future__ import annotations
 
@@ -104,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", metavar="FILE.jsonl")
     check.set_defaults(run=run_data_check)
     synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
-    synth.add_argument("task", choices=sorted(TASKS))
+    synth.add_argument("task", choices=sorted([*TASKS, "zoom"]),
+                       help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces)")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=112, help="square image side in pixels (default 112)")
+    synth.add_argument("--image-size", type=int,
+                       help="square image side in pixels (default 112; zoom: 1024, the canvas)")
     synth.set_defaults(run=run_data_synth)
 
     rewards = commands.add_parser("rewards", help="list rewards or try one on data").add_subparsers(metavar="ACTION")
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--show", type=int, default=20, help="rows of the per-sample table (default 20)")
     score.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     score.set_defaults(run=run_rewards_check)
+
+    tools = commands.add_parser("tools", help="list the tools a model can call").add_subparsers(metavar="ACTION")
+    tools.add_parser("list", help="list available tools").set_defaults(run=run_tools_list)
     return parser
 
 
@@ -209,7 +215,13 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def run_data_synth(args: argparse.Namespace) -> int:
-    path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    if args.task == "zoom":
+        from vlreason.data.zoom import synthesize_zoom
+
+        paths = synthesize_zoom(args.out, n=args.n, seed=args.seed, canvas=args.image_size or 1024)
+        print(f"wrote {args.n} zoom samples to {paths[0]} and, as crop-tool traces, to {paths[1]}")
+        return 0
+    path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size or 112)
     print(f"wrote {args.n} {args.task} samples to {path}")
     return 0
 
@@ -228,6 +240,19 @@ def run_rewards_list(args: argparse.Namespace) -> int:
         rows.append((name, needs, summary))
     print(_format_table(("reward", "needs columns", "what it scores"), rows))
     print("\nOther rewards are named 'package.module:attr' or 'path/to/file.py:attr' (see rewards/README.md).")
+    return 0
+
+
+def run_tools_list(args: argparse.Namespace) -> int:
+    from vlreason.tools import TOOLS, Tool, list_tools
+
+    rows = []
+    for name in list_tools():
+        target = TOOLS.resolve(name)
+        description = target.description if isinstance(target, Tool) else inspect.getdoc(target)
+        rows.append((name, (description or "").split("\n")[0]))
+    print(_format_table(("tool", "what it does"), rows))
+    print("\nOther tools are named 'package.module:attr' or 'path/to/file.py:attr' (see tools/README.md).")
     return 0
 
 

@@ -105,11 +105,30 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # registered rollout engine
+    engine: str = "hf"  # registered rollout engine (name, module:attr or file.py:attr)
+    engine_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the engine
     num_generations: int = 8  # G samples per prompt
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # per model turn
+
+
+class AgentMode(Choice):
+    NONE = "none"  # one model turn: the answer
+    TOOLS = "tools"  # the model calls agent.tools (<tool_call>{json}</tool_call>) and reads their replies
+    GROUNDING = "grounding"  # MGPO: turn 1 writes a box, turn 2 sees its crop of the original image and answers
+
+
+@dataclass
+class AgentConfig:
+    """Multi-turn rollouts (GRPO, evaluation) and the tool schemas prompts list (SFT too)."""
+
+    mode: AgentMode = AgentMode.NONE
+    tools: list[str] = field(default_factory=list)  # tool specs: names (crop), module:attr or file.py:attr
+    max_turns: int = 3  # model turns per trajectory (grounding: always 2)
+    max_images: int = 4  # images all observations of a trajectory may show
+    max_tokens: int = 1024  # tokens after the prompt: model turns and observations together
+    grounding_prompt: str = "Here is the region you selected. Answer the question."
 
 
 @dataclass
@@ -193,6 +212,7 @@ class StageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     rewards: dict[str, RewardConfig] = field(default_factory=dict)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -207,7 +227,7 @@ class PipelineConfig:
     seed: int = 0
 
 
-SECTIONS = ("model", "data", "rollout", "rewards", "algorithm", "optim", "logging", "save")
+SECTIONS = ("model", "data", "rollout", "agent", "rewards", "algorithm", "optim", "logging", "save")
 TOP_LEVEL = ("seed", "output_dir", "stages", *SECTIONS)
 
 
@@ -266,6 +286,7 @@ def validate(config: PipelineConfig) -> None:
         for name, reward in stage.rewards.items():
             if not math.isfinite(reward.weight):
                 raise ConfigError(f"{where}.rewards.{name}.weight: must be a finite number (got {reward.weight})")
+        _validate_agent(stage.agent, f"{where}.agent")
         if stage.kind is StageKind.GRPO:
             _validate_grpo(stage, where)
 
@@ -295,6 +316,9 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.thought_dropout", lambda v: 0.0 <= v <= 1.0, "a rate in [0, 1]"),
     ("rollout.max_new_tokens", _positive, "must be >= 1"),
     ("rollout.top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("agent.max_turns", _positive, "must be >= 1"),
+    ("agent.max_images", _non_negative, "must be >= 0"),
+    ("agent.max_tokens", _positive, "must be >= 1"),
     ("algorithm.num_iterations", _positive, "must be >= 1"),
     ("algorithm.max_refill_tries", _non_negative, "must be >= 0"),
     ("algorithm.reward_timeout_s", _positive, "must be > 0 seconds, or null for no limit"),
@@ -315,6 +339,16 @@ def _get(config: Any, key: str) -> Any:
     for part in key.split("."):
         config = getattr(config, part)
     return config
+
+
+def _validate_agent(agent: AgentConfig, where: str) -> None:
+    if agent.mode is AgentMode.TOOLS and not agent.tools:
+        raise ConfigError(f"{where}.tools: mode tools needs at least one tool, e.g. tools: [crop]")
+    if agent.mode is not AgentMode.TOOLS and agent.tools:
+        raise ConfigError(f"{where}.mode: tools {agent.tools} are listed but mode is {agent.mode.value}; set "
+                          "agent.mode: tools (or remove agent.tools)")
+    if agent.mode is AgentMode.GROUNDING and agent.max_images < 1:
+        raise ConfigError(f"{where}.max_images: grounding shows one crop; use >= 1")
 
 
 def _validate_grpo(stage: StageConfig, where: str) -> None:
@@ -433,10 +467,17 @@ def _with_absolute_paths(stage: StageConfig) -> StageConfig:
     if stage.optim.deepspeed:
         stage.optim.deepspeed = _absolute(stage.optim.deepspeed)
     for name, reward in stage.rewards.items():
-        target, sep, attr = (reward.fn or name).rpartition(":")
-        if sep and target.endswith(".py"):
-            reward.fn = f"{_absolute(target)}:{attr}"
+        if _absolute_plugin(reward.fn or name) != (reward.fn or name):
+            reward.fn = _absolute_plugin(reward.fn or name)
+    stage.agent.tools = [_absolute_plugin(spec) for spec in stage.agent.tools]
+    stage.rollout.engine = _absolute_plugin(stage.rollout.engine)
     return stage
+
+
+def _absolute_plugin(spec: str) -> str:
+    """A plugin spec with a ``file.py`` part made absolute (names and ``module:attr`` unchanged)."""
+    target, sep, attr = spec.rpartition(":")
+    return f"{_absolute(target)}:{attr}" if sep and target.endswith(".py") else spec
 
 
 def _absolute(path: str) -> str:
@@ -493,6 +534,10 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         if dataclasses.is_dataclass(args[1]):
             return {str(k): _build(args[1], v if v is not None else {}, f"{path}.{k}") for k, v in value.items()}
         return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(item, args[0], f"{path}[{index}]") for index, item in enumerate(value)]
     if isinstance(hint, type) and issubclass(hint, Choice):
         try:
             return hint(value)

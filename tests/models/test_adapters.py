@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from vlreason.models import ADAPTERS, adapter_for
 from vlreason.models.adapters import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, BoxConvention
 from vlreason.models.tiny import tiny_tokenizer
+from vlreason.tools import get_tool
 from vlreason.vision.images import ImageInfo, ResizePolicy
 
 TEMPLATES = Path(trl.__file__).parent / "chat_templates"
@@ -49,20 +50,109 @@ CONVERSATIONS = {
 }
 
 
-def official_render(adapter, messages, add_generation_prompt):
+CALL = '<tool_call>\n{"name": "crop", "arguments": {"bbox_2d": [10, 20, 300, 400]}}\n</tool_call>'
+TOOL_CONVERSATIONS = {
+    "tool call and image response": [
+        {"role": "user", "content": [IMAGE, text("What does the sign say?")]},
+        {"role": "assistant", "content": "<think>Too small; zoom in.</think>\n" + CALL},
+        {"role": "tool", "content": [IMAGE, text("Zoomed in.")]},
+    ],
+    "two tool responses": [
+        {"role": "system", "content": "Use tools when they help."},
+        {"role": "user", "content": [IMAGE, text("Compare the corners.")]},
+        {"role": "assistant", "content": CALL + "\n" + CALL},
+        {"role": "tool", "content": [IMAGE]},
+        {"role": "tool", "content": "crop: the box lies outside the image; give a box inside it"},
+        {"role": "assistant", "content": "<answer>left</answer>"},
+    ],
+    "tool then user": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": CALL},
+        {"role": "tool", "content": [text("no image")]},
+        {"role": "user", "content": [text("Try again.")]},
+    ],
+}
+# A hand-written schema beside the built-in crop's: non-ASCII text must stay unescaped (tojson).
+SCHEMAS = [
+    get_tool("crop").schema(),
+    {"type": "function", "function": {"name": "größe", "description": "Größe des Bildes — in Pixeln.",
+                                      "parameters": {"type": "object", "properties": {}, "required": []}}},
+]
+
+
+def official_render(adapter, messages, add_generation_prompt, tools=None):
     template = (TEMPLATES / OFFICIAL[adapter]).read_text()
     return tiny_tokenizer().apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
     )
 
 
 @pytest.mark.parametrize("adapter", [QWEN2_VL, QWEN2_5_VL, QWEN3_VL], ids=lambda a: a.name)
-@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("name", list(CONVERSATIONS) + list(TOOL_CONVERSATIONS))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_render_chat_equals_official_template(adapter, name, add_generation_prompt):
-    messages = CONVERSATIONS[name]
+    messages = CONVERSATIONS.get(name) or TOOL_CONVERSATIONS[name]
     ours = adapter.render_chat(messages, add_generation_prompt=add_generation_prompt)
     assert ours == official_render(adapter, messages, add_generation_prompt)
+
+
+def official_tools_block() -> str:
+    """The ``# Tools`` block as Qwen3-VL's own template writes it (its whole system turn when
+    the conversation has no system message)."""
+    rendered = official_render(QWEN3_VL, [{"role": "user", "content": "hi"}], False, tools=SCHEMAS)
+    return rendered.removeprefix("<|im_start|>system\n").split("<|im_end|>")[0]
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS) + list(TOOL_CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_render_chat_with_tools_equals_qwen3_template(name, add_generation_prompt):
+    messages = CONVERSATIONS.get(name) or TOOL_CONVERSATIONS[name]
+    ours = QWEN3_VL.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=SCHEMAS)
+    assert ours == official_render(QWEN3_VL, messages, add_generation_prompt, tools=SCHEMAS)
+    assert '"größe"' in ours and "# Tools" in ours
+
+
+@pytest.mark.parametrize("adapter", [QWEN2_VL, QWEN2_5_VL], ids=lambda a: a.name)
+@pytest.mark.parametrize("name", list(CONVERSATIONS) + list(TOOL_CONVERSATIONS))
+def test_qwen2_tools_go_into_the_system_text(adapter, name):
+    """Qwen2/2.5-VL's template has no tools section: ours equals it rendering a system message
+    that holds the system text (or the default one), a blank line and Qwen3-VL's tools block."""
+    messages = CONVERSATIONS.get(name) or TOOL_CONVERSATIONS[name]
+    if messages[0]["role"] == "system":
+        system, rest = messages[0]["content"], messages[1:]
+        system = system if isinstance(system, str) else "".join(part["text"] for part in system)
+    else:
+        system, rest = "You are a helpful assistant.", messages
+    with_block = [{"role": "system", "content": system + "\n\n" + official_tools_block()}, *rest]
+    ours = adapter.render_chat(messages, tools=SCHEMAS)
+    assert ours == official_render(adapter, with_block, True)
+    assert official_render(adapter, messages, True, tools=SCHEMAS) == adapter.render_chat(messages)  # ignored there
+
+
+CONTINUATIONS = [  # (head ending with an assistant turn, what follows)
+    (TOOL_CONVERSATIONS["tool call and image response"][:2], TOOL_CONVERSATIONS["tool call and image response"][2:]),
+    (TOOL_CONVERSATIONS["two tool responses"][:3], TOOL_CONVERSATIONS["two tool responses"][3:5]),
+    (TOOL_CONVERSATIONS["tool then user"][:2], TOOL_CONVERSATIONS["tool then user"][2:]),
+    (CONVERSATIONS["multi turn"][:2], CONVERSATIONS["multi turn"][2:]),
+]
+
+
+@pytest.mark.parametrize("adapter", [QWEN2_VL, QWEN2_5_VL, QWEN3_VL], ids=lambda a: a.name)
+@pytest.mark.parametrize("index", range(len(CONTINUATIONS)))
+@pytest.mark.parametrize("tools", [None, SCHEMAS], ids=["no tools", "tools"])
+def test_render_continuation_extends_the_finished_turn(adapter, index, tools):
+    head, following = CONTINUATIONS[index]
+    finished = adapter.render_chat(head, add_generation_prompt=False, tools=tools)
+    assert finished.endswith("<|im_end|>\n")
+    whole = adapter.render_chat([*head, *following], add_generation_prompt=True, tools=tools)
+    assert whole == finished[:-1] + adapter.render_continuation(following)
+
+
+def test_render_continuation_hand_written():
+    tool = [{"role": "tool", "content": "42"}]
+    assert QWEN3_VL.render_continuation(tool) == (
+        "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert QWEN2_5_VL.render_continuation(tool) == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_qwen2_adds_default_system_prompt_and_qwen3_does_not():
@@ -77,6 +167,14 @@ def test_qwen3_refuses_what_its_template_would_drop():
         QWEN3_VL.render_chat(late_system)
     with pytest.raises(ValueError, match="drops images"):
         QWEN3_VL.render_chat([{"role": "assistant", "content": [IMAGE]}])
+
+
+@pytest.mark.parametrize("adapter", [QWEN2_VL, QWEN2_5_VL, QWEN3_VL], ids=lambda a: a.name)
+def test_structured_tool_calls_are_refused(adapter):
+    call = {"type": "function", "function": {"name": "crop", "arguments": {"bbox_2d": [1, 2, 3, 4]}}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    with pytest.raises(ValueError, match="message 1: vlreason keeps tool calls in the assistant's text"):
+        adapter.render_chat(messages)
 
 
 def test_unknown_part_type_is_an_error():

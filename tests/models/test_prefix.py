@@ -11,6 +11,7 @@ from PIL import Image
 
 from vlreason.models import TINY_PRESETS
 from vlreason.models.prefix import (
+    Continuation,
     SharedPrefix,
     completion_hidden,
     completion_logprobs,
@@ -63,7 +64,8 @@ def completions(vlm, rows: int):
 
 def completion_logits(model, inputs, completion_ids, completion_mask, group: int) -> torch.Tensor:
     """The shared-prefix pass with its whole ``[N, T, V]`` logits (what the chunked path avoids)."""
-    return model.get_output_embeddings()(completion_hidden(model, inputs, completion_ids, completion_mask, group))
+    return model.get_output_embeddings()(completion_hidden(model, inputs, Continuation(completion_ids, completion_mask),
+                                                           group))
 
 
 def full_forward_logits(vlm, inputs, completion_ids, completion_mask, group: int) -> torch.Tensor:
@@ -182,7 +184,7 @@ def test_chunked_logprobs_equal_the_full_logits_with_their_gradients(vlm, chunk)
     full = completion_logits(vlm.model, inputs, ids, mask, GROUP)
     full_logp = token_logprobs(full, ids, 0.7)
     full_grads = torch.autograd.grad((full_logp * weights * mask).sum(), params, allow_unused=True)
-    hidden = completion_hidden(vlm.model, inputs, ids, mask, GROUP)
+    hidden = completion_hidden(vlm.model, inputs, Continuation(ids, mask), GROUP)
     logp, entropy = completion_logprobs(vlm.model, hidden, ids, 0.7, chunk_tokens=chunk)
     chunked_grads = torch.autograd.grad((logp * weights * mask).sum(), params, allow_unused=True)
     torch.testing.assert_close(logp, full_logp)
@@ -198,10 +200,83 @@ def test_the_plain_forward_fallback_gives_the_shared_prefix_states(vlm):
     inputs = prompts(vlm)
     ids, mask = completions(vlm, 2 * GROUP)
     with torch.no_grad():
-        shared = completion_hidden(vlm.model, inputs, ids, mask, GROUP)
-        plain = full_hidden(vlm.model, inputs, ids, mask, GROUP, images_per_prompt=[1, 1])
+        shared = completion_hidden(vlm.model, inputs, Continuation(ids, mask), GROUP)
+        plain = full_hidden(vlm.model, inputs, Continuation(ids, mask), GROUP, images_per_prompt=[1, 1])
     on = mask.bool()
     torch.testing.assert_close(plain[on], shared[on], atol=1e-5, rtol=1e-4)
+
+
+def trajectories(vlm):
+    """Six multi-turn rows after the two prompts: model turn, an observation with 0, 1 or 2 images
+    (tool replies as the family renders them), another model turn; right-padded."""
+    generator = torch.Generator().manual_seed(3)
+    turn = lambda length: torch.randint(100, 900, (length,), generator=generator).tolist()  # noqa: E731
+    observations = [[], [gradient_image(40, 70, 5)], [gradient_image(33, 33, 1), gradient_image(80, 30, 2)]]
+    rows, pixels, counts = [], [], []
+    for row in range(2 * GROUP):
+        images = observations[row % 3]
+        text = "\n<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * len(images) + "look<|im_end|>\n"
+        ids, encoded, _ = vlm.encode_observation(text + "<|im_start|>assistant\n", images)
+        rows.append(turn(2 + row) + ids + turn(3))
+        pixels.append(encoded)
+        counts.append(len(images))
+    width = max(map(len, rows))
+    pad = vlm.tokenizer.pad_token_id
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    with_images = [p for p in pixels if p]
+    return Continuation(input_ids, mask, torch.cat([p["pixel_values"] for p in with_images]),
+                        torch.cat([p["image_grid_thw"] for p in with_images]), counts)
+
+
+def test_multi_turn_with_images_in_observations_equals_one_full_forward(vlm):
+    """Prompt once, then model turns and observations with their pixels fed after it: the same
+    log-probs and gradients as one forward over the whole trajectory (positions by the model)."""
+    inputs = prompts(vlm)
+    continuation = trajectories(vlm)
+    mask = continuation.attention_mask
+    weights = torch.linspace(-1.0, 1.0, 2 * GROUP)[:, None]
+    params = [p for p in vlm.model.parameters() if p.requires_grad]
+
+    def logprobs_and_grads(hidden):
+        logp, _ = completion_logprobs(vlm.model, hidden, continuation.input_ids)
+        return logp, torch.autograd.grad((logp * weights * mask).sum(), params, allow_unused=True)
+
+    incremental, incremental_grads = logprobs_and_grads(completion_hidden(vlm.model, inputs, continuation, GROUP))
+    full, full_grads = logprobs_and_grads(full_hidden(vlm.model, inputs, continuation, GROUP, [1, 1]))
+    on = mask.bool()
+    torch.testing.assert_close(incremental[on], full[on], atol=1e-5, rtol=1e-5)
+    for a, b in zip(incremental_grads, full_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the observation images matter: other pixels change the log-probs after them
+    other = Continuation(continuation.input_ids, mask, continuation.pixel_values.flip(0), continuation.image_grid_thw,
+                         continuation.images_per_row)
+    with torch.no_grad():
+        changed, _ = completion_logprobs(vlm.model, completion_hidden(vlm.model, inputs, other, GROUP),
+                                         continuation.input_ids)
+    assert not torch.allclose(changed[1][on[1]], incremental[1][on[1]].detach())
+
+
+def test_feeding_a_trajectory_in_pieces_equals_feeding_it_at_once(vlm):
+    """The sampler's path: model tokens one at a time, the observation with its images in one feed."""
+    inputs = prompts(vlm)
+    image = gradient_image(40, 70, 5)
+    ids, pixels, _ = vlm.encode_observation("\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>x"
+                                            "<|im_end|>\n<|im_start|>assistant\n", [image])
+    first, last = [511, 512, 513], [514, 515]
+    whole = torch.tensor([first + ids + last] * 2)
+    with torch.no_grad():
+        both = {key: pixels[key].repeat(2, 1) for key in ("pixel_values", "image_grid_thw")}
+        at_once = SharedPrefix(vlm.model, inputs).feed_hidden(whole, torch.ones_like(whole), **both)
+        prefix = SharedPrefix(vlm.model, inputs)
+        pieces = [prefix.feed_hidden(whole[:, t:t + 1], torch.ones(2, 1, dtype=torch.long)) for t in range(3)]
+        observation = whole[:, 3:3 + len(ids)]
+        pieces.append(prefix.feed_hidden(observation, torch.ones_like(observation), **both))
+        pieces += [prefix.feed_hidden(whole[:, t:t + 1], torch.ones(2, 1, dtype=torch.long))
+                   for t in range(3 + len(ids), whole.shape[1])]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), at_once, atol=1e-5, rtol=1e-5)
 
 
 def test_token_logprobs_match_log_softmax():

@@ -1,5 +1,5 @@
-"""Rollout engines: sampling parameters, the HF engine (masking, seeding, greedy parity, suppression,
-top-p), the scripted engine and the engine registry."""
+"""Rollout engines through the single-turn agent loop: sampling parameters, the HF engine (masking,
+seeding, greedy parity, suppression, top-p), the scripted engine and the engine registry."""
 
 from __future__ import annotations
 
@@ -16,8 +16,16 @@ from vlreason.models.tiny import tiny_tokenizer
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.registry import PluginError
 from vlreason.rewards import PredBox, parsed_columns
-from vlreason.rollout import ENGINES, HFEngine, Rollouts, SamplingParams, ScriptedEngine, build_engine
-from vlreason.rollout.engine import finish
+from vlreason.rollout import (
+    ENGINES,
+    AgentLoop,
+    HFEngine,
+    SamplingParams,
+    ScriptedEngine,
+    Trajectories,
+    build_engine,
+    encode_prompts,
+)
 from vlreason.rollout.hf import pick_tokens, sample_rows
 from vlreason.vision.images import ImageInfo
 
@@ -41,8 +49,12 @@ def sharpened_vlm(preset: str):
 def encode_two(vlm):
     """Two prompts of different lengths (the first is left-padded)."""
     images = [[Image.new("RGB", (64, 48), (200, 30, 30))], [Image.new("RGB", (90, 60), (0, 100, 0))]]
-    inputs, _ = vlm.encode([ask("q"), ask("where is the green square?")], images)
-    return inputs
+    return encode_prompts(vlm, [ask("q"), ask("where is the green square?")], images)
+
+
+def generate(vlm, engine, prompts, params) -> Trajectories:
+    """One model turn per row, as GRPO samples without tools."""
+    return AgentLoop(vlm, engine).run(prompts, params)
 
 
 @pytest.fixture(scope="module")
@@ -112,45 +124,43 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_finish_masks_through_first_eos_and_pads_after(tokenizer):
+@pytest.fixture(scope="module")
+def decoder():
+    """The loop's decoding of model tokens, on the tiny tokenizer."""
+    return AgentLoop(build_tiny_vlm("tiny-qwen2-vl"), None)
+
+
+def test_decoding_drops_padding_eos_and_chat_tokens(tokenizer, decoder):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    a, b, c, d = token_ids(tokenizer, "abcd")
-    ids = torch.tensor([[a, eos, c, eos], [a, b, c, d], [eos, d, d, d]])
-    rollouts = finish(ids, eos_id=eos, pad_id=pad, tokenizer=tokenizer)
-    assert rollouts.completion_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert rollouts.completion_ids.tolist() == [[a, eos, pad, pad], [a, b, c, d], [eos, pad, pad, pad]]
-    assert rollouts.truncated.tolist() == [False, True, False]
-    assert rollouts.lengths.tolist() == [2, 4, 1]
-    assert rollouts.texts == ["a", "abcd", ""]
+    assert decoder.decode(token_ids(tokenizer, "abcd") + [eos, pad]) == "abcd"
+    assert decoder.decode([eos]) == ""
 
 
-def test_qwen2_vl_box_output_reaches_the_rewards(tokenizer):
+def test_qwen2_vl_box_output_reaches_the_rewards(tokenizer, decoder):
     # Qwen2-VL's native grounding output, written with its special tokens; a stray chat and a
     # vision token in the middle carry no meaning and are dropped, as are EOS and padding
     answer = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(100,200),(500,1000)<|box_end|>"
     ids = token_ids(tokenizer, "<|im_start|>" + answer + "<|vision_end|><|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>"
-    rows = torch.tensor([ids + [tokenizer.pad_token_id] * 2])
-    rollouts = finish(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer)
-    assert rollouts.texts == [answer]
+    texts = [decoder.decode(ids)]
+    assert texts == [answer]
     info = ImageInfo(original_size=(640, 480), input_size=(644, 476))
-    columns = parsed_columns(rollouts.texts, [[info.original_size]], [lambda c: QWEN2_VL.from_model(c, info)],
-                             rollouts.truncated.tolist())
+    columns = parsed_columns(texts, [[info.original_size]], [lambda c: QWEN2_VL.from_model(c, info)], [False])
     # relative 0..1000 -> pixels: 100*.64, 200*.48, 500*.64, 1000*.48
     assert columns["pred_boxes"] == [[PredBox((64.0, 96.0, 320.0, 480.0), "cat", None)]]
 
 
-def test_finish_keeps_quad_tokens(tokenizer):
+def test_decoding_keeps_quad_tokens(tokenizer, decoder):
     text = "<|quad_start|>(1,2),(3,4),(5,6),(7,8)<|quad_end|>"
-    rows = torch.tensor([token_ids(tokenizer, text + tokenizer.eos_token)])
-    assert finish(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer).texts == [text]
+    assert decoder.decode(token_ids(tokenizer, text + tokenizer.eos_token)) == text
 
 
 # ---- HFEngine -----------------------------------------------------------------------------------
 
 
-def check_rollouts(rollouts: Rollouts, rows: int, max_new_tokens: int, eos_id: int, pad_id: int, tokenizer):
-    ids, mask = rollouts.completion_ids, rollouts.completion_mask
+def check_rollouts(rollouts: Trajectories, rows: int, max_new_tokens: int, eos_id: int, pad_id: int, tokenizer):
+    ids, mask = rollouts.ids, rollouts.loss_mask
+    assert torch.equal(rollouts.attention_mask, mask)  # one turn: every token is the model's
     assert ids.shape == mask.shape and ids.shape[0] == rows and ids.shape[1] <= max_new_tokens
     for row in range(rows):
         tokens = ids[row].tolist()
@@ -176,13 +186,13 @@ def test_hf_engine_masks_after_eos_and_flags_truncation(vlm, inputs):
             logits[row, eos] = 1e9 if stops.get(row) == call else -1e9
 
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=0)
-    rollouts = with_hook(vlm, edit, lambda: HFEngine(vlm).generate(inputs, params))
-    assert rollouts.completion_ids.shape == (6, 6)
+    rollouts = with_hook(vlm, edit, lambda: generate(vlm, HFEngine(vlm), inputs, params))
+    assert rollouts.ids.shape == (6, 6)
     check_rollouts(rollouts, 6, 6, eos, pad, vlm.tokenizer)
     assert rollouts.lengths.tolist() == [3, 6, 6, 5, 6, 6]
     assert rollouts.truncated.tolist() == [False, True, True, False, True, True]
-    assert rollouts.completion_ids[0, 2] == eos and (rollouts.completion_ids[0, 3:] == pad).all()
-    assert rollouts.completion_ids[3, 4] == eos and rollouts.completion_ids[3, 5] == pad
+    assert rollouts.ids[0, 2] == eos and (rollouts.ids[0, 3:] == pad).all()
+    assert rollouts.ids[3, 4] == eos and rollouts.ids[3, 5] == pad
 
 
 def test_hf_engine_stops_early_when_every_row_ended(vlm, inputs):
@@ -193,30 +203,30 @@ def test_hf_engine_stops_early_when_every_row_ended(vlm, inputs):
             logits[:, eos] = 1e9
 
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=0)
-    rollouts = with_hook(vlm, edit, lambda: HFEngine(vlm).generate(inputs, params))
-    assert rollouts.completion_ids.shape == (4, 2)
-    assert (rollouts.completion_ids[:, 1] == eos).all()
-    assert rollouts.completion_mask.tolist() == [[1, 1]] * 4
+    rollouts = with_hook(vlm, edit, lambda: generate(vlm, HFEngine(vlm), inputs, params))
+    assert rollouts.ids.shape == (4, 2)
+    assert (rollouts.ids[:, 1] == eos).all()
+    assert rollouts.loss_mask.tolist() == [[1, 1]] * 4
     assert not rollouts.truncated.any()
 
 
 def test_hf_engine_unconstrained_rollouts_are_consistent(vlm, inputs):
     params = SamplingParams(n=4, temperature=1.5, max_new_tokens=8, seed=3)
-    rollouts = HFEngine(vlm).generate(inputs, params)
+    rollouts = generate(vlm, HFEngine(vlm), inputs, params)
     check_rollouts(rollouts, 8, 8, vlm.tokenizer.eos_token_id, vlm.tokenizer.pad_token_id, vlm.tokenizer)
 
 
 def test_hf_engine_same_seed_same_rollouts_other_seed_differs(vlm, inputs):
     engine = HFEngine(vlm)
-    first = engine.generate(inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
-    again = engine.generate(inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
-    other = engine.generate(inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=12))
-    assert torch.equal(first.completion_ids, again.completion_ids)
-    assert torch.equal(first.completion_mask, again.completion_mask)
+    first = generate(vlm, engine, inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
+    again = generate(vlm, engine, inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=11))
+    other = generate(vlm, engine, inputs, SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=12))
+    assert torch.equal(first.ids, again.ids)
+    assert torch.equal(first.loss_mask, again.loss_mask)
     assert first.texts == again.texts
-    assert not torch.equal(first.completion_ids, other.completion_ids)
+    assert not torch.equal(first.ids, other.ids)
     # the G samples of one prompt are not copies of each other
-    assert len({tuple(row) for row in first.completion_ids[:3].tolist()}) > 1
+    assert len({tuple(row) for row in first.ids[:3].tolist()}) > 1
 
 
 @pytest.mark.parametrize("preset", list(TINY_PRESETS))
@@ -224,9 +234,9 @@ def test_hf_engine_greedy_equals_vlm_generate(preset):
     vlm = sharpened_vlm(preset)
     inputs = encode_two(vlm)
     steps = 7
-    rollouts = HFEngine(vlm).generate(inputs, SamplingParams(n=1, temperature=0.0, max_new_tokens=steps))
-    reference = vlm.generate(inputs, do_sample=False, max_new_tokens=steps)
-    assert torch.equal(rollouts.completion_ids, reference)
+    rollouts = generate(vlm, HFEngine(vlm), inputs, SamplingParams(n=1, temperature=0.0, max_new_tokens=steps))
+    reference = vlm.generate(inputs.inputs, do_sample=False, max_new_tokens=steps)
+    assert torch.equal(rollouts.ids, reference)
     assert len(set(reference[0].tolist())) > 1  # not a degenerate repeated token
     assert not torch.equal(reference[0], reference[1])  # the prompt matters
 
@@ -240,15 +250,15 @@ def test_hf_engine_never_samples_vision_tokens(vlm, inputs):
     engine = HFEngine(vlm)
     assert sorted(engine.suppress.tolist()) == sorted(vision_ids.tolist())
     params = SamplingParams(n=8, temperature=1.0, max_new_tokens=5, seed=0)
-    rollouts = with_hook(vlm, favour_vision, lambda: engine.generate(inputs, params))
-    assert rollouts.completion_ids.numel() == 16 * 5
-    assert not torch.isin(rollouts.completion_ids, vision_ids).any()
+    rollouts = with_hook(vlm, favour_vision, lambda: generate(vlm, engine, inputs, params))
+    assert rollouts.ids.numel() == 16 * 5
+    assert not torch.isin(rollouts.ids, vision_ids).any()
 
     # control: without suppression the hook makes the first token a vision token every time
     engine.suppress = torch.tensor([], dtype=torch.long)
     one_step = SamplingParams(n=16, temperature=1.0, max_new_tokens=1, seed=0)
-    unsuppressed = with_hook(vlm, favour_vision, lambda: engine.generate(inputs, one_step))
-    assert torch.isin(unsuppressed.completion_ids, vision_ids).all()
+    unsuppressed = with_hook(vlm, favour_vision, lambda: generate(vlm, engine, inputs, one_step))
+    assert torch.isin(unsuppressed.ids, vision_ids).all()
 
 
 # ---- pick_tokens --------------------------------------------------------------------------------
@@ -308,9 +318,9 @@ def test_pick_tokens_seeded_generator_reproduces():
 
 def test_scripted_engine_cycles_rows_and_calls(vlm, inputs):
     engine = ScriptedEngine(vlm, ["alpha", "beta", "gamma"])
-    first = engine.generate(inputs, SamplingParams(n=2, max_new_tokens=32))  # 4 rows
+    first = generate(vlm, engine, inputs, SamplingParams(n=2, max_new_tokens=32))  # 4 rows
     assert first.texts == ["alpha", "beta", "gamma", "alpha"]
-    second = engine.generate(inputs, SamplingParams(n=1, max_new_tokens=32))  # 2 rows, cursor continues
+    second = generate(vlm, engine, inputs, SamplingParams(n=1, max_new_tokens=32))  # 2 rows, cursor continues
     assert second.texts == ["beta", "gamma"]
     assert not first.truncated.any()
 
@@ -318,23 +328,23 @@ def test_scripted_engine_cycles_rows_and_calls(vlm, inputs):
 def test_scripted_engine_ids_end_with_eos_and_round_trip(vlm, inputs):
     tokenizer = vlm.tokenizer
     texts = ["<think>a box</think><answer>[1, 2, 30, 40]</answer>", "short"]
-    rollouts = ScriptedEngine(vlm, texts).generate(inputs, SamplingParams(n=1, max_new_tokens=64))
+    rollouts = generate(vlm, ScriptedEngine(vlm, texts), inputs, SamplingParams(n=1, max_new_tokens=64))
     assert rollouts.texts == texts
     for row, text in enumerate(texts):
         expected = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         length = int(rollouts.lengths[row])
-        assert rollouts.completion_ids[row, :length].tolist() == expected
-        assert (rollouts.completion_ids[row, length:] == tokenizer.pad_token_id).all()
-    assert rollouts.completion_ids.shape[1] == max(rollouts.lengths.tolist())
+        assert rollouts.ids[row, :length].tolist() == expected
+        assert (rollouts.ids[row, length:] == tokenizer.pad_token_id).all()
+    assert rollouts.ids.shape[1] == max(rollouts.lengths.tolist())
 
 
 def test_scripted_engine_truncates_at_max_new_tokens(vlm, inputs):
     long_text = "one two three four five six seven eight nine ten"
-    rollouts = ScriptedEngine(vlm, [long_text, "ok"]).generate(inputs, SamplingParams(n=1, max_new_tokens=4))
-    assert rollouts.completion_ids.shape == (2, 4)
+    rollouts = generate(vlm, ScriptedEngine(vlm, [long_text, "ok"]), inputs, SamplingParams(n=1, max_new_tokens=4))
+    assert rollouts.ids.shape == (2, 4)
     assert rollouts.truncated.tolist() == [True, False]
     assert rollouts.lengths.tolist()[0] == 4
-    assert vlm.tokenizer.eos_token_id not in rollouts.completion_ids[0].tolist()
+    assert vlm.tokenizer.eos_token_id not in rollouts.ids[0].tolist()
     assert long_text.startswith(rollouts.texts[0]) and rollouts.texts[0] != long_text
     assert rollouts.texts[1] == "ok"
 
@@ -353,7 +363,7 @@ def test_engine_registry_resolves_builtins(vlm, inputs):
     assert {"hf", "scripted"} <= set(ENGINES.names())
     engine = build_engine("scripted", vlm, completions=["x"])
     assert isinstance(engine, ScriptedEngine)
-    assert engine.generate(inputs, SamplingParams(n=1)).texts == ["x", "x"]
+    assert generate(vlm, engine, inputs, SamplingParams(n=1)).texts == ["x", "x"]
     assert isinstance(build_engine("hf", vlm), HFEngine)
 
 

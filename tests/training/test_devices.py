@@ -74,7 +74,7 @@ def test_bfloat16_keeps_trainable_weights_in_float32_and_computes_in_bfloat16():
 
 def test_bfloat16_grpo_step_keeps_loss_and_optimizer_state_in_float32(tmp_path, data):
     grpo = GRPOTrainer(config(tmp_path, data, {"dtype": "bfloat16", "device": "cpu"}).stages[0])
-    grpo.sampler.engine = ScriptedEngine(grpo.vlm, [GOOD, "no answer"])
+    grpo.sampler.loop.engine = ScriptedEngine(grpo.vlm, [GOOD, "no answer"])
     before = {n: p.detach().clone() for n, p in grpo.model.named_parameters() if p.requires_grad}
     values = grpo.step()
     assert torch.isfinite(torch.tensor(values["loss"])) and values["advantages/abs_max"] > 0.5

@@ -37,8 +37,8 @@ def test_one_process_collectives_are_the_identity():
 def test_a_share_of_a_draw_gets_the_tokens_the_whole_draw_gives_its_rows():
     probs = torch.rand(6, 50)
     whole = sample_rows(probs, torch.Generator().manual_seed(4))
-    first = sample_rows(probs[:4], torch.Generator().manual_seed(4), share=(0, 6))
-    second = sample_rows(probs[4:], torch.Generator().manual_seed(4), share=(4, 6))
+    first = sample_rows(probs[:4], torch.Generator().manual_seed(4), share=(torch.arange(0, 4), 6))
+    second = sample_rows(probs[4:], torch.Generator().manual_seed(4), share=(torch.arange(4, 6), 6))
     assert torch.equal(torch.cat([first, second]), whole)
 
 

@@ -36,7 +36,7 @@ def trainer(tmp_path, data, completions=None, **sections) -> GRPOTrainer:
     raw = {"output_dir": str(tmp_path), "data": {"train": str(data)}, "stages": [stage]}
     grpo = GRPOTrainer(load_config(None, raw=raw).stages[0])
     if completions is not None:
-        grpo.sampler.engine = ScriptedEngine(grpo.vlm, completions)
+        grpo.sampler.loop.engine = ScriptedEngine(grpo.vlm, completions)
     return grpo
 
 
@@ -98,9 +98,9 @@ def test_mask_truncated_leaves_cut_off_completions_out_of_the_loss(tmp_path, dat
     grpo = trainer(tmp_path, data, [long, BAD], algorithm={"mask_truncated": True}, rollout={"max_new_tokens": 8})
     batch = grpo.sampler.sample(grpo.stream, 2, 0, dynamic=False, max_refills=0)
     part = batch.parts[0]
-    assert part.rollouts.truncated.tolist() == [True, False, True, False]
+    assert part.trajectories.truncated.tolist() == [True, False, True, False]
     mask = grpo._loss_mask(grpo._micro_batches(batch)[0])
-    assert mask[0].sum() == 0 and mask[2].sum() == 0 and mask[1].sum() == part.rollouts.completion_mask[1].sum()
+    assert mask[0].sum() == 0 and mask[2].sum() == 0 and mask[1].sum() == part.trajectories.loss_mask[1].sum()
 
 
 def test_lora_reference_is_the_base_model_without_a_copy(tmp_path, data):
@@ -213,7 +213,7 @@ def test_overlong_shaping_ranks_the_longer_of_two_equally_rewarded_completions_l
                    algorithm={"overlong_buffer": 30, "importance_level": "sequence"})
     batch = grpo.sampler.sample(grpo.stream, 2, 0, dynamic=False, max_refills=0)
     part = batch.parts[0]
-    lengths = part.rollouts.completion_mask.sum(dim=1)
+    lengths = part.trajectories.lengths
     assert lengths[1] > lengths[0] > 10 and part.table.values[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
     assert part.advantages[0] > 0 > part.advantages[1]
     values = grpo.step()

@@ -32,8 +32,9 @@ from vlreason.models.vlm import VLM
 from vlreason.rewards.api import get_reward
 from vlreason.rewards.detection import coco_map
 from vlreason.rewards.parsing import PredBox
-from vlreason.rewards.scoring import OnRewardError, RewardScorer, dataset_columns, parsed_columns
-from vlreason.rollout.engine import SamplingParams
+from vlreason.rewards.scoring import OnRewardError, RewardScorer, reward_columns
+from vlreason.rollout.agent import AgentLoop
+from vlreason.rollout.engine import SamplingParams, Trajectories, encode_prompts
 from vlreason.rollout.hf import HFEngine
 
 
@@ -81,36 +82,56 @@ def detection_metrics(samples: Sequence[Sample], pred_boxes: Sequence[Sequence[P
 
 @torch.no_grad()
 def evaluate(vlm: VLM, data_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
-             limit: int | None = None, progress: bool = True) -> EvalReport:
-    """Greedy answers for the samples of ``data_path`` and the task's metrics (see module docstring)."""
+             limit: int | None = None, progress: bool = True, loop: AgentLoop | None = None) -> EvalReport:
+    """Greedy answers for the samples of ``data_path`` and the task's metrics (see module docstring).
+
+    ``loop``: how to roll out (engine, agent and budgets); default: the HF engine, one turn. With
+    an agent the report adds ``tool_call_rate`` (samples with a tool call), ``invalid_call_rate``
+    (failed calls over all calls) and ``turns_per_sample``.
+    """
     samples = read_jsonl(data_path).samples[:limit]
     if not samples:
         raise ValueError(f"{data_path}: no samples to evaluate")
-    engine = HFEngine(vlm)
+    loop = loop or AgentLoop(vlm, HFEngine(vlm))
     vlm.model.eval()
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    kept, texts, decoders, truncated = [], [], [], []
+    kept, infos, parts = [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
         batch, images, _ = load_sample_images(samples[start:start + batch_size])
         if not batch:
             continue
-        inputs, infos = vlm.encode([s.prompt_messages for s in batch], images)
-        rollouts = engine.generate(inputs, params)
+        prompts = encode_prompts(vlm, [s.prompt_messages for s in batch], images, loop.tool_schemas)
+        parts.append(loop.run(prompts, params).without_media())
         kept += batch
-        texts += rollouts.texts
-        truncated += rollouts.truncated.tolist()
-        decoders += [vlm.box_decoder(row) for row in infos]
-    return score_predictions(str(data_path), kept, texts, decoders, truncated)
+        infos += prompts.infos
+    report = score_predictions(str(data_path), kept, [t for part in parts for t in part.texts],
+                               [vlm.box_decoder(row) for row in infos],
+                               [bool(cut) for part in parts for cut in part.truncated], parts)
+    if loop.agent is not None:
+        report.metrics |= agent_metrics(parts)
+    return report
+
+
+def agent_metrics(parts: Sequence[Trajectories]) -> dict[str, float]:
+    """``tool_call_rate``, ``invalid_call_rate`` and ``turns_per_sample`` of evaluation trajectories."""
+    calls = [row for part in parts for row in part.tool_calls]
+    every_call = [call for row in calls for call in row]
+    invalid = sum(call["error"] is not None for call in every_call)
+    return {"tool_call_rate": float(np.mean([bool(row) for row in calls])),
+            "invalid_call_rate": invalid / len(every_call) if every_call else 0.0,
+            "turns_per_sample": float(np.mean([len(spans) for part in parts for spans in part.turns]))}
 
 
 def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str], decoders: Sequence[Any],
-                      truncated: Sequence[bool]) -> EvalReport:
-    """Metrics of given completions (one per sample; ``truncated``: which hit the token limit)."""
+                      truncated: Sequence[bool], trajectories: Sequence[Trajectories] = ()) -> EvalReport:
+    """Metrics of given completions (one per sample; ``truncated``: which hit the token limit;
+    ``trajectories``: where they came from, for the tool trace rewards read)."""
     spec = task_metrics(samples)
     rewards = {name: get_reward(reward, **options) for name, (reward, options) in spec.items()}
     names = sorted({c for s in samples for c in s.columns()})
-    columns = dataset_columns(samples, names) | parsed_columns(texts, [s.image_sizes for s in samples], decoders,
-                                                                truncated)
+    trace = {key: [v for part in trajectories for v in part.reward_columns()[key]]
+             for key in (trajectories[0].reward_columns() if trajectories else {})}
+    columns = reward_columns(samples, texts, names, decoders=decoders, truncated=truncated, trace=trace)
     table = RewardScorer(rewards, OnRewardError.SKIP)(list(texts), columns)
     metrics = {name: _nanmean(table.column(name)) for name in spec}
     if is_detection(samples):

@@ -3,7 +3,9 @@
 An adapter owns everything that differs between model families and nothing else:
 
 * the chat template (``render_chat`` produces exactly the text the family's official Jinja
-  template renders for the same messages; tests check this against the copies shipped in trl);
+  template renders for the same messages and tool schemas; tests check this against the copies
+  shipped in trl), and ``render_continuation``, the text that follows an assistant turn when the
+  conversation goes on (tool responses in a multi-turn rollout);
 * the box convention and the two conversions at the model boundary (``to_model`` when a box is
   shown to the model, ``from_model`` when a box is parsed from its output);
 * the vision patch geometry (and so the resize policy), ``mm_token_type_ids``, the tokens to
@@ -16,6 +18,7 @@ see only original-image pixels.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +40,12 @@ VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 TEXT_SPECIAL_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
                        "<|quad_start|>", "<|quad_end|>")
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
+# Qwen3-VL's template lists tool schemas in the system turn between these two texts.
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _TEXT_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
 
@@ -119,17 +128,40 @@ class FamilyAdapter:
 
     # ---- prompt text ------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
         """Render ``messages`` exactly as the family's official chat template does.
 
         Messages are ``{"role": ..., "content": str | list[part]}`` with parts
-        ``{"type": "image"}``, ``{"type": "video"}`` or ``{"type": "text", "text": ...}``.
+        ``{"type": "image"}``, ``{"type": "video"}`` or ``{"type": "text", "text": ...}``. Role
+        ``tool`` carries a tool's response; tool calls stay in the assistant's text, as the model
+        wrote them (``<tool_call>...</tool_call>``).
+
+        ``tools`` (``Tool.schema()`` dicts) are listed in the system turn as Qwen3-VL's template
+        does (a ``# Tools`` block after the system text and a blank line). Qwen2-VL and Qwen2.5-VL's
+        template has no tools section; there the same block is appended to the system text (the
+        default "You are a helpful assistant." when the conversation has no system message), so
+        the result equals their template rendering a system message that holds that text.
         """
         if self.chat_style is ChatStyle.QWEN2:
-            text = _render_qwen2(messages)
+            text = _render_qwen2(messages, tools)
         else:
-            text = _render_qwen3(messages)
+            text = _render_qwen3(messages, tools)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def render_continuation(self, messages: Sequence[Message]) -> str:
+        """The text that follows an assistant turn's final ``<|im_end|>`` when ``messages`` (tool
+        responses, or a user message) come next and the assistant speaks again.
+
+        ``render_chat(head + messages)`` equals ``render_chat(head, add_generation_prompt=False)[:-1]
+        + render_continuation(messages)`` for a ``head`` ending with an assistant message: the
+        rendering of a finished turn ends ``<|im_end|>\n``, and generation stops at ``<|im_end|>``,
+        so the newline belongs to the continuation. For Qwen3-VL and one tool message::
+
+            "\n<|im_start|>user\n<tool_response>\n...\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        """
+        turns = _qwen2_turns if self.chat_style is ChatStyle.QWEN2 else _qwen3_turns
+        return "\n" + turns(messages, 0) + "<|im_start|>assistant\n"
 
     # ---- token-level facts ------------------------------------------------------------------
 
@@ -167,27 +199,65 @@ def _render_parts(content: str | Sequence[dict[str, Any]], text_only: bool = Fal
     return "".join(pieces)
 
 
-def _render_qwen2(messages: Sequence[Message]) -> str:
-    out = []
-    if messages and messages[0]["role"] != "system":
-        out.append(f"<|im_start|>system\n{QWEN2_DEFAULT_SYSTEM}<|im_end|>\n")
-    for message in messages:
-        out.append(f"<|im_start|>{message['role']}\n{_render_parts(message['content'])}<|im_end|>\n")
-    return "".join(out)
+def _tools_block(tools: Sequence[dict[str, Any]]) -> str:
+    """The ``# Tools`` text; each schema as Hugging Face's ``tojson`` writes it (key order kept)."""
+    return TOOLS_HEADER + "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools) + TOOLS_FOOTER
 
 
-def _render_qwen3(messages: Sequence[Message]) -> str:
+def _turn(role: str, body: str) -> str:
+    return f"<|im_start|>{role}\n{body}<|im_end|>\n"
+
+
+def _body(message: Message, index: int, text_only: bool = False) -> str:
+    """A message's content as text; structured ``tool_calls`` are refused, since the templates
+    would drop (Qwen2/2.5-VL) or reformat (Qwen3-VL) what the model wrote."""
+    if message.get("tool_calls"):
+        raise ValueError(f"message {index}: vlreason keeps tool calls in the assistant's text "
+                         "(<tool_call>...</tool_call>, as the model writes them); drop 'tool_calls'")
+    return _render_parts(message["content"], text_only)
+
+
+def _render_qwen2(messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str:
+    if not messages:
+        return ""
+    has_system = messages[0]["role"] == "system"
+    system = _body(messages[0], 0) if has_system else QWEN2_DEFAULT_SYSTEM
+    if tools:
+        system += "\n\n" + _tools_block(tools)
+    return _turn("system", system) + _qwen2_turns(messages[1:] if has_system else messages, int(has_system))
+
+
+def _qwen2_turns(messages: Sequence[Message], first_index: int) -> str:
+    """Every message as ``<|im_start|>role ... <|im_end|>``, whatever its role (tool included)."""
+    return "".join(_turn(m["role"], _body(m, first_index + i)) for i, m in enumerate(messages))
+
+
+def _render_qwen3(messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str:
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    system = [_body(messages[0], 0, text_only=True)] if has_system else []
+    if tools:
+        system.append(_tools_block(tools))
+    head = _turn("system", "\n\n".join(system)) if system else ""
+    return head + _qwen3_turns(messages[1:] if has_system else messages, int(has_system))
+
+
+def _qwen3_turns(messages: Sequence[Message], first_index: int) -> str:
+    """User, assistant and tool turns; consecutive tool messages share one user turn, each
+    response in ``<tool_response>`` tags. ``first_index`` numbers messages in error messages."""
     out = []
-    for index, message in enumerate(messages):
-        role = message["role"]
-        if role == "system" and index == 0:
-            out.append(f"<|im_start|>system\n{_render_parts(message['content'], text_only=True)}<|im_end|>\n")
-        elif role in ("user", "assistant"):
-            body = _render_parts(message["content"], text_only=role == "assistant")
-            out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+    for offset, message in enumerate(messages):
+        role, index = message["role"], first_index + offset
+        if role in ("user", "assistant"):
+            out.append(_turn(role, _body(message, index, text_only=role == "assistant")))
+        elif role == "tool":
+            opens = offset == 0 or messages[offset - 1]["role"] != "tool"
+            closes = offset == len(messages) - 1 or messages[offset + 1]["role"] != "tool"
+            out.append(("<|im_start|>user" if opens else "")
+                       + f"\n<tool_response>\n{_body(message, index)}\n</tool_response>"
+                       + ("<|im_end|>\n" if closes else ""))
         else:
             raise ValueError(
-                f"message {index}: vlreason renders a system message (first only), user and assistant "
+                f"message {index}: vlreason renders a system message (first only), user, assistant and tool "
                 f"messages for Qwen3-VL; got role {role!r}"
             )
     return "".join(out)

@@ -8,14 +8,21 @@ forward does, encodes the image and attends over the prompt G times. Here the pr
 after it. The log-probs are the same as the full forward's (tested to float tolerance), and
 gradients flow through the cached keys and values back into the prompt pass.
 
-Qwen-VL models use 3-D rotary positions (time, height, width) for image tokens. The prompt's
-positions come from the model's own ``get_rope_index``; completion tokens continue as text, one
-past the largest prompt position, on all three axes.
+With tools, what follows a prompt is a trajectory: model turns and the observations between
+them, which may hold images. Those are fed with their pixels in the same way, so sampling keeps
+one cache per row across turns and scoring runs each prompt once for a whole trajectory.
+
+Qwen-VL models use 3-D rotary positions (time, height, width) for image tokens. Positions come
+from the model's own ``get_rope_index``: for the prompt directly, for fed tokens on the fed
+piece, shifted one past the row's largest position so far (its positions count from the start of
+the piece, so the shift gives exactly what one pass over the whole sequence gives); text takes
+one position per token on all three axes and padding none.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,38 +69,76 @@ class SharedPrefix:
         self.next_position = self.next_position.repeat_interleave(group_size, dim=0)
         return self
 
-    def feed_hidden(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append tokens to every row and return the hidden states that predict each fed token.
+    def select(self, rows: torch.Tensor) -> SharedPrefix:
+        """Keep only ``rows`` (``[R]`` indices, in that order) in place; returns self."""
+        self.cache.batch_select_indices(rows.to(self.last_hidden.device))
+        self.last_hidden = self.last_hidden[rows]
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]
+        return self
+
+    def feed_hidden(self, tokens: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                    image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Append tokens (and the pixels of the images among them) to every row and return the
+        hidden states that predict each fed token.
+
+        Rotary positions continue each row where it stopped: padding (mask 0) takes none, text
+        takes one each, an image its 3-D block (the model's own ``get_rope_index`` on the fed
+        tokens, shifted past the row's last position), so feeding a sequence in pieces gives the
+        positions of one pass over it.
 
         Args:
-            tokens: ``[rows, T]`` token ids; mask: ``[rows, T]``, 0 on padding.
+            tokens: ``[rows, T]`` token ids, each row's real tokens first (right-padded).
+            mask: ``[rows, T]``, 0 on padding.
+            pixel_values / image_grid_thw: ``[P, D]`` / ``[I, 3]``, the images whose placeholder
+                tokens are among ``tokens``, in row order (as the processor encodes them).
 
         Returns:
             ``[rows, T, H]``: position t holds the state whose logits predict ``tokens[:, t]`` (the
             first comes from before the call).
         """
-        steps = torch.arange(tokens.shape[1], device=tokens.device)
-        positions = (self.next_position[:, None] + steps).unsqueeze(0).expand(3, -1, -1)  # [3, rows, T]
-        self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], dim=1)
+        mask = mask.to(self.attention_mask)
+        positions = self._positions(tokens, mask, image_grid_thw)  # [3, rows, T]
+        self.attention_mask = torch.cat([self.attention_mask, mask], dim=1)
+        images = {} if image_grid_thw is None else {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         output = self.core(input_ids=tokens, attention_mask=self.attention_mask, position_ids=positions,
-                           use_cache=True, **{self.cache_kwarg: self.cache})
+                           use_cache=True, **{self.cache_kwarg: self.cache}, **images)
         hidden = output[0]  # [rows, T, H]
         predicting = torch.cat([self.last_hidden[:, None], hidden[:, :-1]], dim=1)
-        self.last_hidden = hidden[:, -1]
-        self.next_position = self.next_position + tokens.shape[1]
+        fed = mask.sum(dim=1)  # [rows]
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), (fed - 1).clamp(min=0)]
+        self.last_hidden = torch.where(fed[:, None] > 0, last, self.last_hidden)
+        furthest = positions.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2))  # [rows]
+        self.next_position = torch.where(fed > 0, furthest + 1, self.next_position)
         return predicting
+
+    def _positions(self, tokens: torch.Tensor, mask: torch.Tensor, image_grid_thw: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """``[3, rows, T]`` rotary positions of fed tokens (padding gets a position it never uses)."""
+        if image_grid_thw is None:  # text: one position per real token, on all three axes
+            steps = (mask.cumsum(dim=1) - mask)[None].expand(3, -1, -1)
+        else:
+            fed = mask.any(dim=1)
+            steps = torch.zeros(3, *tokens.shape, dtype=torch.long, device=tokens.device)
+            steps[:, fed] = rope_positions(self.model, tokens[fed], mask[fed], image_grid_thw)
+        return self.next_position[None, :, None] + steps
 
 
 def prompt_positions(model: PreTrainedModel, inputs: BatchFeature | dict[str, torch.Tensor]) -> torch.Tensor:
     """``[3, B, Lp]`` multimodal rotary positions of left-padded prompts (0 on padding)."""
-    core = _vl_core(model)
-    position_ids, _ = core.get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"),
-        attention_mask=inputs["attention_mask"],
-    )
+    return rope_positions(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"),
+                          inputs.get("video_grid_thw"))
+
+
+def rope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """``[3, B, L]`` the model's own multimodal rotary positions of ``[B, L]`` tokens counted from 0
+    (masked tokens skipped; every row needs a real token)."""
+    image_id, video_id = (model.config.image_token_id, model.config.video_token_id)
+    types = (input_ids == image_id).long() + 2 * (input_ids == video_id).long()  # 0 text, 1 image, 2 video
+    position_ids, _ = _vl_core(model).get_rope_index(input_ids, types, image_grid_thw=image_grid_thw,
+                                                     video_grid_thw=video_grid_thw, attention_mask=attention_mask)
     return position_ids
 
 
@@ -118,27 +163,52 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -logp.exp().mul_(logp).sum(dim=-1)  # one [N, T, V] temporary besides logp
 
 
+@dataclass
+class Continuation:
+    """What follows N prompts: the tokens of model turns and of the observations between them,
+    right-padded, with the pixels of the images inside the observations.
+
+    Attributes:
+        input_ids / attention_mask: ``[N, T]``.
+        pixel_values / image_grid_thw: ``[P, D]`` / ``[I, 3]`` in row order, or None without images.
+        images_per_row: N image counts (which images belong to which row).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    images_per_row: list[int] | None = None
+
+    def to(self, device: torch.device | str) -> Continuation:
+        moved = {name: None if value is None else value.to(device) for name, value in (
+            ("input_ids", self.input_ids), ("attention_mask", self.attention_mask),
+            ("pixel_values", self.pixel_values), ("image_grid_thw", self.image_grid_thw))}
+        return Continuation(**moved, images_per_row=self.images_per_row)
+
+
 def completion_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
-                      completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Hidden states predicting each completion token, every prompt run once for its G completions.
+                      continuation: Continuation, group_size: int) -> torch.Tensor:
+    """Hidden states predicting each continuation token, every prompt run once for its G rows.
 
     Args:
         prompt_inputs: B prompts (``input_ids`` ``[B, Lp]`` and their pixels).
-        completion_ids / completion_mask: ``[B * G, T]``, the G completions of prompt b in rows
-            ``b*G .. b*G + G - 1``.
+        continuation: B * G rows, row ``b*G + g`` continuing prompt b.
 
     Returns:
         ``[B * G, T, H]``.
     """
-    return SharedPrefix(model, prompt_inputs).repeat(group_size).feed_hidden(completion_ids, completion_mask)
+    prefix = SharedPrefix(model, prompt_inputs).repeat(group_size)
+    return prefix.feed_hidden(continuation.input_ids, continuation.attention_mask, continuation.pixel_values,
+                              continuation.image_grid_thw)
 
 
 def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
-                completion_ids: torch.Tensor, completion_mask: torch.Tensor, group_size: int,
-                images_per_prompt: list[int]) -> torch.Tensor:
-    """What ``completion_hidden`` returns, from one plain forward over prompt + completion with
+                continuation: Continuation, group_size: int, images_per_prompt: list[int]) -> torch.Tensor:
+    """What ``completion_hidden`` returns, from one plain forward over prompt + continuation with
     every prompt and its pixels repeated G times: no KV cache, so it works where the cache cannot
-    (activation checkpointing), at the cost of running each prompt G times.
+    (activation checkpointing), at the cost of running each prompt G times. The model computes
+    every rotary position itself, so this is also the reference the incremental path is tested on.
 
     Args:
         images_per_prompt: B image counts (which ``pixel_values`` rows belong to which prompt).
@@ -147,21 +217,33 @@ def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, 
         ``[B * G, T, H]``.
     """
     prompt_len = prompt_inputs["input_ids"].shape[1]
-    repeat = {key: prompt_inputs[key].repeat_interleave(group_size, dim=0)
-              for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    inputs = {"input_ids": torch.cat([repeat["input_ids"], completion_ids], dim=1),
-              "attention_mask": torch.cat([repeat["attention_mask"], completion_mask.to(repeat["attention_mask"])], 1),
-              "mm_token_type_ids": torch.cat([repeat["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)}
-    if "image_grid_thw" in prompt_inputs:
-        grids = prompt_inputs["image_grid_thw"]
-        per_image = torch.split(prompt_inputs["pixel_values"], grids.prod(dim=-1).tolist())
-        starts = [sum(images_per_prompt[:b]) for b in range(len(images_per_prompt))]
-        order = [i for b, count in enumerate(images_per_prompt) for _ in range(group_size)
-                 for i in range(starts[b], starts[b] + count)]  # prompt b's images, once per copy
-        inputs["pixel_values"] = torch.cat([per_image[i] for i in order])
-        inputs["image_grid_thw"] = grids[order]
+    rows = continuation.input_ids.shape[0]
+    repeat = {key: prompt_inputs[key].repeat_interleave(group_size, dim=0) for key in ("input_ids", "attention_mask")}
+    input_ids = torch.cat([repeat["input_ids"], continuation.input_ids], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.cat(
+        [repeat["attention_mask"], continuation.attention_mask.to(repeat["attention_mask"])], dim=1),
+        "mm_token_type_ids": (input_ids == model.config.image_token_id).long()}
+    prompt_images = _split_images(prompt_inputs.get("pixel_values"), prompt_inputs.get("image_grid_thw"),
+                                  images_per_prompt)
+    own_images = _split_images(continuation.pixel_values, continuation.image_grid_thw,
+                               continuation.images_per_row or [0] * rows)
+    pieces = [piece for row in range(rows) for piece in (*prompt_images[row // group_size], *own_images[row])]
+    if pieces:
+        inputs["pixel_values"] = torch.cat([pixels for pixels, _ in pieces])
+        inputs["image_grid_thw"] = torch.stack([grid for _, grid in pieces])
     hidden = _vl_core(model)(**inputs, use_cache=False)[0]  # [B * G, Lp + T, H]
-    return hidden[:, prompt_len - 1: prompt_len - 1 + completion_ids.shape[1]]
+    return hidden[:, prompt_len - 1: prompt_len - 1 + continuation.input_ids.shape[1]]
+
+
+def _split_images(pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None, counts: list[int]
+                  ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row, its images as ``(pixel rows [P_i, D], grid [3])`` pairs (``counts``: images per row)."""
+    if image_grid_thw is None:
+        return [[] for _ in counts]
+    per_image = list(zip(torch.split(pixel_values, image_grid_thw.prod(dim=-1).tolist()), image_grid_thw,
+                         strict=True))
+    starts = [sum(counts[:row]) for row in range(len(counts))]
+    return [per_image[start:start + count] for start, count in zip(starts, counts, strict=True)]
 
 
 def completion_logprobs(model: PreTrainedModel, hidden: torch.Tensor, tokens: torch.Tensor,
@@ -232,12 +314,12 @@ class CompletionScorer(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.full_forwards = full_forwards
 
-    def forward(self, prompt_inputs: BatchFeature, tokens: torch.Tensor, mask: torch.Tensor, repeat: int,
+    def forward(self, prompt_inputs: BatchFeature, continuation: Continuation, repeat: int,
                 images_per_prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, T]`` log-probs and entropies of ``tokens`` ``[n, T]`` (``mask`` 0 on padding), which
-        continue the prompts ``repeat`` completions each (all on the model's device)."""
+        """``[n, T]`` log-probs and entropies of the ``continuation`` tokens, which continue the
+        prompts ``repeat`` rows each (all on the model's device)."""
         if self.model.training and self.full_forwards:
-            hidden = full_hidden(self.model, prompt_inputs, tokens, mask, repeat, images_per_prompt)
+            hidden = full_hidden(self.model, prompt_inputs, continuation, repeat, images_per_prompt)
         else:
-            hidden = completion_hidden(self.model, prompt_inputs, tokens, mask, repeat)
-        return completion_logprobs(self.model, hidden, tokens, self.temperature, self.chunk_tokens)
+            hidden = completion_hidden(self.model, prompt_inputs, continuation, repeat)
+        return completion_logprobs(self.model, hidden, continuation.input_ids, self.temperature, self.chunk_tokens)

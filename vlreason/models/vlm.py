@@ -82,6 +82,7 @@ class VLM:
         images: Sequence[Sequence[Image.Image]],
         add_generation_prompt: bool = True,
         convert_boxes: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> tuple[BatchFeature, list[list[ImageInfo]]]:
         """Render and tokenize a batch of conversations with their images (left-padded).
 
@@ -90,6 +91,7 @@ class VLM:
             images: B lists of RGB images in original resolution.
             convert_boxes: rewrite ``[x1, y1, x2, y2]`` boxes in assistant messages from original
                 pixels of the row's first image (the data convention) into the family's own (SFT targets).
+            tools: tool schemas (``Tool.schema()``) rendered into the system prompt.
 
         Returns:
             The model inputs (``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` ``[B, L]``,
@@ -101,19 +103,44 @@ class VLM:
                 [map_assistant_text(m, partial(self.adapter.text_boxes_to_model, info=infos[0])) for m in conv]
                 if infos else conv for conv, (_, infos) in zip(conversations, fitted, strict=True)
             ]
-        texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
+        texts = self.render(conversations, add_generation_prompt, tools)
         flat = [image for row, _ in fitted for image in row]
         inputs = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
                                 return_tensors="pt")
         inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
         return inputs, [infos for _, infos in fitted]
 
+    def encode_observation(self, text: str, images: Sequence[Image.Image]
+                           ) -> tuple[list[int], dict[str, torch.Tensor], list[ImageInfo]]:
+        """Tokens of ``text`` that continues a conversation (an observation between model turns),
+        with its images resized to the model's budget.
+
+        Args:
+            text: rendered text (``FamilyAdapter.render_continuation``); each image placeholder
+                takes the next image.
+            images: RGB images in their own resolution.
+
+        Returns:
+            The token ids (image placeholders expanded to the images' patch counts), the pixel
+            inputs (``pixel_values`` ``[P, D]`` and ``image_grid_thw`` ``[I, 3]``; empty without
+            images) and each image's ``ImageInfo``.
+        """
+        resized, infos = self.prepare_images(images)
+        encoded = self.processor(text=[text], images=resized or None, return_tensors="pt")
+        pixels = {key: encoded[key] for key in ("pixel_values", "image_grid_thw") if key in encoded}
+        return encoded["input_ids"][0].tolist(), pixels, infos
+
+    def render(self, conversations: Sequence[Sequence[Message]], add_generation_prompt: bool = True,
+               tools: Sequence[dict[str, Any]] | None = None) -> list[str]:
+        """Each conversation as the family's chat template renders it (``tools``: schemas in the system prompt)."""
+        return [self.adapter.render_chat(conv, add_generation_prompt, tools=tools) for conv in conversations]
+
     def token_counts(self, conversations: Sequence[Sequence[Message]], image_sizes: Sequence[Sequence[Size]],
-                     add_generation_prompt: bool = True) -> list[int]:
+                     add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Tokens each conversation takes as model input, image tokens included, without loading
         any pixels: the rendered text's tokens plus, per image, the merged patches of its
         model-input size minus the one placeholder token the text already counts."""
-        texts = [self.adapter.render_chat(conv, add_generation_prompt) for conv in conversations]
+        texts = self.render(conversations, add_generation_prompt, tools)
         text_tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         factor = self.adapter.factor
         image_tokens = [sum(w * h // factor**2 - 1 for w, h in map(self.resize.target_size, sizes))

@@ -96,6 +96,25 @@ def dataset_columns(samples: Sequence[Any], names: Iterable[str], repeat: int = 
     return {name: [row.get(name) for row in rows for _ in range(repeat)] for name in names}
 
 
+def reward_columns(samples: Sequence[Any], completions: Sequence[Any], data_columns: Iterable[str], repeat: int = 1,
+                   *, decoders: Sequence[BoxDecoder | None] | None = None, truncated: Sequence[bool] | None = None,
+                   completion_ids: Sequence[list[int]] | None = None,
+                   trace: Mapping[str, Sequence[Any]] | None = None) -> dict[str, list[Any]]:
+    """Every column a reward receives for N = len(samples) * repeat completions: the dataset
+    columns (``dataset_columns``), the parsed ones (``parsed_columns``), what TRL passes
+    (``prompts``, and ``completion_ids`` when given) and the trajectories' tool trace (``trace``:
+    ``Trajectories.reward_columns``). GRPO, evaluation and ``vlreason rewards check`` all build
+    their columns here."""
+    columns = dataset_columns(samples, data_columns, repeat)
+    columns |= parsed_columns(completions, [s.image_sizes for s in samples for _ in range(repeat)], decoders, truncated)
+    columns["prompts"] = [s.prompt_messages for s in samples for _ in range(repeat)]
+    if completion_ids is not None:
+        columns["completion_ids"] = [list(ids) for ids in completion_ids]
+    for name, values in (trace or {}).items():
+        columns[name] = list(values)
+    return columns
+
+
 @dataclass
 class RewardTable:
     """Scores of N completions by R rewards."""

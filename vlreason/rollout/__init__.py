@@ -1,7 +1,22 @@
-"""Rollout engines: sample G completions per prompt behind one protocol (``engine``)."""
+"""Rollouts: engines sample model turns behind one protocol (``engine``); the agent loop turns
+them into trajectories with tool calls and observations (``agent``)."""
 
-from vlreason.rollout.engine import ENGINES, RolloutEngine, Rollouts, SamplingParams, build_engine
+from vlreason.rollout.agent import Agent, AgentLoop, GroundingAgent, Observation, ToolAgent
+from vlreason.rollout.engine import (
+    ENGINES,
+    EngineSession,
+    ModelTurn,
+    PromptBatch,
+    RolloutEngine,
+    SamplingParams,
+    StopReason,
+    Trajectories,
+    build_engine,
+    encode_prompts,
+)
 from vlreason.rollout.hf import HFEngine
 from vlreason.rollout.scripted import ScriptedEngine
 
-__all__ = ["ENGINES", "HFEngine", "RolloutEngine", "Rollouts", "SamplingParams", "ScriptedEngine", "build_engine"]
+__all__ = ["ENGINES", "Agent", "AgentLoop", "EngineSession", "GroundingAgent", "HFEngine", "ModelTurn", "Observation",
+           "PromptBatch", "RolloutEngine", "SamplingParams", "ScriptedEngine", "StopReason", "ToolAgent",
+           "Trajectories", "build_engine", "encode_prompts"]

@@ -1,21 +1,37 @@
-"""The rollout engine protocol and its registry.
+"""The rollout engine protocol: prompts with their media in, trajectories out.
 
-An engine turns B encoded prompts into G completions each. Every engine returns the same
-``Rollouts``: token ids and a mask the loss can use directly, the decoded text rewards read,
-and which completions hit the token limit. Engines are registered by name (``hf``; ``scripted``
-replays given completions, for fast tests and debugging) in the same kind of registry as rewards.
+An engine samples; it does not decide what a turn means. ``RolloutEngine.start`` opens a
+session over B prompts sampled ``n`` times each (N = B * n rows, rows ``b*n .. b*n + n - 1``
+continue prompt b); the agent loop (``vlreason.rollout.agent``) then asks the session for one
+model turn of every running row (``sample``), keeps the rows that go on (``keep``) and appends
+their observations — tool replies with their images — (``extend``), turn after turn, and builds
+the ``Trajectories`` the trainer, the rewards and the logs read.
+
+Engines receive the prompts with their media (``PromptBatch``: the messages, the rendered text,
+the original and the resized images with their ``ImageInfo``, and the encoded batch), so an
+in-process engine uses the encoded tensors and a server-style engine can send text and images.
+Token ids go in and out; nothing is re-tokenised between turns. ``update_weights(model)`` is
+called after every optimizer step (a no-op for an engine that samples from the trained model
+itself). Engines are registered by name (``hf``; ``scripted`` replays given turns, for tests and
+debugging) in the same kind of registry as rewards and tools.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
+from PIL import Image
 from transformers import BatchFeature
 
-from vlreason.models.adapters import silent_special_ids
+from vlreason.choices import Choice
+from vlreason.data.schema import Message
+from vlreason.models.prefix import Continuation
+from vlreason.models.vlm import VLM
 from vlreason.registry import Registry
+from vlreason.vision.images import ImageInfo
 
 
 @dataclass(frozen=True)
@@ -25,7 +41,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # per model turn
     seed: int | None = None  # seeds the sampler for this call (reproducible rollouts)
     # with several processes, this call's N rows are rows first_row .. first_row + N - 1 of one
     # draw of total_rows rows over all processes; engines draw their random numbers for all of
@@ -45,59 +61,177 @@ class SamplingParams:
 
 
 @dataclass
-class Rollouts:
-    """N = B * n completions, grouped by prompt: rows ``b*n .. b*n + n - 1`` continue prompt b.
+class PromptBatch:
+    """B prompts as every engine receives them.
 
     Attributes:
-        completion_ids: ``[N, T]``, padded with the pad id after the end.
-        completion_mask: ``[N, T]``, 1 on generated tokens up to and including end-of-sequence.
-        texts: N decoded completions: special tokens removed, except those that carry meaning
-            in text (Qwen-VL's box and reference tokens, ``models.adapters.TEXT_SPECIAL_TOKENS``).
-        truncated: ``[N]`` bool, True where the completion reached ``max_new_tokens`` unfinished.
+        messages: the conversations (``{"role", "content"}`` messages).
+        texts: each rendered by the family's chat template, generation prompt included.
+        images: each prompt's RGB images in original resolution (what tools crop from).
+        infos: original and model-input size of every image.
+        inputs: the encoded, left-padded batch (``VLM.encode``) for engines in this process.
     """
 
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
+    messages: list[list[Message]]
     texts: list[str]
-    truncated: torch.Tensor
+    images: list[list[Image.Image]]
+    infos: list[list[ImageInfo]]
+    inputs: BatchFeature
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        """``[N]`` completion lengths in tokens."""
-        return self.completion_mask.sum(dim=1)
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+@dataclass
+class ModelTurn:
+    """One model turn of one row: the tokens sampled (through end-of-sequence when it ended),
+    their log-probs under the sampling distribution when the engine has them, and whether the
+    turn ended with end-of-sequence (False: it ran out of tokens)."""
+
+    ids: list[int]
+    logprobs: list[float] | None
+    ended: bool
+
+
+class EngineSession(Protocol):
+    """The running rows of one ``RolloutEngine.start`` call, in order."""
+
+    def sample(self, max_new_tokens: Sequence[int]) -> list[ModelTurn]:
+        """One model turn for every running row, each within its own token budget."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Go on with these running rows only (indices into the current rows, in order)."""
+        ...
+
+    def extend(self, ids: Sequence[Sequence[int]], pixels: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Append an observation to every running row: its token ids and its images' pixel
+        inputs (``pixel_values`` / ``image_grid_thw``; an empty dict without images)."""
+        ...
 
 
 class RolloutEngine(Protocol):
-    """Samples completions of encoded prompts."""
+    """Samples model turns of prompts."""
 
-    def generate(self, prompt_inputs: BatchFeature, params: SamplingParams) -> Rollouts:
-        """``prompt_inputs``: B left-padded prompts with their pixels (``VLM.encode``)."""
+    def start(self, prompts: PromptBatch, params: SamplingParams) -> EngineSession:
+        """A session over ``len(prompts) * params.n`` rows."""
         ...
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """The trained model after an optimizer step (engines that sample from it need nothing)."""
+        ...
+
+
+class StopReason(Choice):
+    """Why a trajectory ended."""
+
+    END = "end"  # the model finished a turn without calling a tool
+    TOKENS = "token_budget"  # a model turn ran out of tokens before its end-of-sequence
+    TURNS = "turn_budget"  # the model called a tool in its last allowed turn
+    CONTEXT = "context"  # the next observation (or any further turn) would not fit the token budget
+
+
+@dataclass
+class Trajectories:
+    """N trajectories grouped by prompt (rows ``b*n .. b*n + n - 1`` continue prompt b): what
+    follows each prompt, model turns and the observations between them.
+
+    Attributes:
+        ids: ``[N, T]`` token ids, right-padded with the pad id.
+        attention_mask: ``[N, T]``, 1 on every real token.
+        loss_mask: ``[N, T]``, 1 on the tokens the model wrote (each turn through its
+            end-of-sequence), 0 on observations (tool replies, injected turns, image pads) and padding.
+        texts: N decoded final model turns (what rewards parse), special tokens removed except
+            those that carry meaning in text (``models.adapters.TEXT_SPECIAL_TOKENS``).
+        stops: N ``StopReason``s.
+        turns: per row, the ``(start, stop)`` token span of each model turn in ``ids``.
+        pixels: per row, the pixel inputs of the images its observations hold (``pixel_values``
+            ``[P, D]``, ``image_grid_thw`` ``[I, 3]``; empty without images).
+        logprobs: ``[N, T]`` sampling log-probs on model tokens (0 elsewhere), or None when the
+            engine has none.
+        tool_calls: per row, one record per tool call: ``name``, ``arguments``, ``error`` (None
+            when it ran).
+        images: per row, the images its observations showed (model-input size).
+    """
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    texts: list[str]
+    stops: list[StopReason]
+    turns: list[list[tuple[int, int]]]
+    pixels: list[dict[str, torch.Tensor]]
+    logprobs: torch.Tensor | None = None
+    tool_calls: list[list[dict[str, Any]]] = field(default_factory=list)
+    images: list[list[Image.Image]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rows = self.ids.shape[0]
+        self.tool_calls = self.tool_calls or [[] for _ in range(rows)]
+        self.images = self.images or [[] for _ in range(rows)]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """``[N]`` bool: the last model turn ran out of tokens before it ended."""
+        return torch.tensor([stop is StopReason.TOKENS for stop in self.stops], dtype=torch.bool)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[N]`` tokens the model wrote."""
+        return self.loss_mask.sum(dim=1)
+
+    def select(self, rows: Sequence[int]) -> Trajectories:
+        """These rows, in this order."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        pick = lambda values: [values[i] for i in index.tolist()]  # noqa: E731
+        return Trajectories(self.ids[index], self.attention_mask[index], self.loss_mask[index], pick(self.texts),
+                            pick(self.stops), pick(self.turns), pick(self.pixels),
+                            None if self.logprobs is None else self.logprobs[index], pick(self.tool_calls),
+                            pick(self.images))
+
+    def without_media(self) -> Trajectories:
+        """A copy without observation pixels and images (small enough to send between processes)."""
+        rows = len(self)
+        return replace(self, pixels=[{} for _ in range(rows)], images=[[] for _ in range(rows)])
+
+    def continuation(self, rows: slice) -> Continuation:
+        """The model's input for ``rows``: tokens, attention and the observation images' pixels."""
+        pixels = [p for p in self.pixels[rows] if p]
+        counts = [int(p["image_grid_thw"].shape[0]) if p else 0 for p in self.pixels[rows]]
+        if not pixels:
+            return Continuation(self.ids[rows], self.attention_mask[rows], images_per_row=counts)
+        return Continuation(self.ids[rows], self.attention_mask[rows], torch.cat([p["pixel_values"] for p in pixels]),
+                            torch.cat([p["image_grid_thw"] for p in pixels]), counts)
+
+    def reward_columns(self) -> dict[str, list[Any]]:
+        """What rewards read about each trajectory besides its text: ``tool_calls`` (records),
+        ``tool_errors`` (failed calls), ``turns`` (model turns) and ``images_seen`` (observation images)."""
+        return {"tool_calls": self.tool_calls,
+                "tool_errors": [sum(call["error"] is not None for call in calls) for calls in self.tool_calls],
+                "turns": [len(spans) for spans in self.turns],
+                "images_seen": [len(images) for images in self.images]}
+
+
+def encode_prompts(vlm: VLM, conversations: Sequence[Sequence[Message]], images: Sequence[Sequence[Image.Image]],
+                   tools: Sequence[dict[str, Any]] | None = None) -> PromptBatch:
+    """B conversations with their original images as a ``PromptBatch`` (``tools``: the tool
+    schemas the system prompt lists)."""
+    inputs, infos = vlm.encode(conversations, images, tools=tools)
+    return PromptBatch(messages=[list(conv) for conv in conversations], texts=vlm.render(conversations, True, tools),
+                       images=[list(row) for row in images], infos=infos, inputs=inputs)
 
 
 ENGINES = Registry("rollout engine", "vlreason.rollout_engines")
 
 
 def build_engine(name: str, vlm: Any, **options: Any) -> RolloutEngine:
-    """An engine by registered name, bound to ``vlm``."""
-    return ENGINES.resolve(name)(vlm, **options)
-
-
-def finish(completion_ids: torch.Tensor, eos_id: int, pad_id: int, tokenizer: Any) -> Rollouts:
-    """Mask everything after the first end-of-sequence token and decode: ``[N, T]`` ids -> Rollouts."""
-    is_eos = completion_ids == eos_id
-    ended = is_eos.cumsum(dim=1)
-    mask = ((ended == 0) | (is_eos & (ended == 1))).long()  # through the first EOS
-    ids = completion_ids.masked_fill(mask == 0, pad_id)
-    return Rollouts(completion_ids=ids, completion_mask=mask, texts=_decode(ids, tokenizer),
-                    truncated=~is_eos.any(dim=1))
-
-
-def _decode(ids: torch.Tensor, tokenizer: Any) -> list[str]:
-    """Texts of ``[N, T]`` completion ids without the special tokens that mean nothing in text.
-    ``skip_special_tokens=True`` would also drop Qwen-VL's box tokens, and with them every box
-    the model wrote in its native grounding form."""
-    silent = torch.tensor(silent_special_ids(tokenizer), dtype=ids.dtype)
-    spoken = ~torch.isin(ids, silent)  # [N, T]
-    return tokenizer.batch_decode([row[keep].tolist() for row, keep in zip(ids, spoken, strict=True)],
-                                  skip_special_tokens=False)
+    """An engine by registered name, bound to ``vlm``; ``options`` are its keyword arguments
+    (``rollout.engine_options``)."""
+    cls = ENGINES.resolve(name)
+    try:
+        return cls(vlm, **options)
+    except TypeError as exc:
+        raise ValueError(f"rollout engine {name!r}: bad rollout.engine_options {sorted(options)} ({exc})") from exc

@@ -1,21 +1,29 @@
 """Rollouts with the transformers model itself: batched, KV-cached, each prompt encoded once.
 
-The B prompts (with their images) run through the model once; the KV cache is then repeated G
-times and the N = B * G completions are decoded together, one token per step, until every row
-has produced end-of-sequence or ``max_new_tokens`` is reached. ``generate`` with
-``num_return_sequences`` would encode every image and prompt G times instead.
+The B prompts (with their images) run through the model once; the KV cache is then repeated n
+times and the N = B * n rows are decoded together, one token per step, until every row has
+produced end-of-sequence or its token budget is spent. ``generate`` with
+``num_return_sequences`` would encode every image and prompt n times instead. Between turns the
+cache is kept: rows that stop are dropped from it, and an observation (with its images) is fed
+after the turn that called for it, so no row is ever re-encoded.
+
+Random numbers are drawn for every row of the whole draw at every step (``SamplingParams.
+first_row`` / ``total_rows``), and each turn starts from its own seed, so a row samples the same
+tokens however the draw is split over processes and whatever the other rows do.
 
 Vision special tokens are never sampled (a generated ``<|image_pad|>`` has no pixels behind it).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import torch
-from transformers import BatchFeature
 
 from vlreason.models.prefix import SharedPrefix
 from vlreason.models.vlm import VLM
-from vlreason.rollout.engine import ENGINES, Rollouts, SamplingParams, finish
+from vlreason.rollout.engine import ENGINES, ModelTurn, PromptBatch, SamplingParams
 
 
 @ENGINES.register("hf")
@@ -24,38 +32,107 @@ class HFEngine:
 
     def __init__(self, vlm: VLM):
         self.vlm = vlm
-        tokenizer = vlm.tokenizer
-        self.eos_id = int(tokenizer.eos_token_id)
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.suppress = torch.tensor(vlm.adapter.suppress_token_ids(tokenizer))
+        self.suppress = torch.tensor(vlm.adapter.suppress_token_ids(vlm.tokenizer))  # never sampled
+
+    def start(self, prompts: PromptBatch, params: SamplingParams) -> HFSession:
+        return HFSession(self.vlm, prompts, params, self.suppress)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to do: this engine samples from the trained model itself."""
+
+
+class HFSession:
+    """The KV cache of the running rows and the state between their turns."""
+
+    def __init__(self, vlm: VLM, prompts: PromptBatch, params: SamplingParams, suppress: torch.Tensor):
+        model = vlm.model
+        self.params = params
+        self.device = model.device
+        self.eos_id = int(vlm.tokenizer.eos_token_id)
+        self.pad_id = int(vlm.tokenizer.pad_token_id)
+        self.suppress = suppress.to(self.device)
+        with torch.no_grad():
+            self.prefix = SharedPrefix(model, prompts.inputs.to(self.device)).repeat(params.n)
+        rows = len(prompts) * params.n
+        self.rows = torch.arange(rows, device=self.device) + params.first_row  # each row's index in the draw
+        self.total_rows = params.total_rows or rows
+        self.unfed = torch.full((rows,), -1, device=self.device)  # a sampled token not yet in the cache
+        self.turn = 0
 
     @torch.no_grad()
-    def generate(self, prompt_inputs: BatchFeature, params: SamplingParams) -> Rollouts:
-        """Sample ``params.n`` completions per prompt (see the module docstring)."""
-        model = self.vlm.model
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(params.seed)
-        prefix = SharedPrefix(model, prompt_inputs.to(model.device)).repeat(params.n)
-        rows = prefix.last_hidden.shape[0]
-        done = torch.zeros(rows, dtype=torch.bool, device=model.device)
-        steps = []
-        for step in range(params.max_new_tokens):
+    def sample(self, max_new_tokens: Sequence[int]) -> list[ModelTurn]:
+        """One turn of every running row (see the module docstring)."""
+        params, prefix = self.params, self.prefix
+        budget = torch.tensor(list(max_new_tokens), device=self.device)
+        if bool((budget < 1).any()):
+            raise ValueError(f"every running row needs a token budget >= 1, got {budget.tolist()}")
+        generator = self._generator()
+        done = torch.zeros_like(budget, dtype=torch.bool)
+        live = ~done  # rows that sampled a real token at the last step
+        steps, logps = [], []
+        for step in range(int(budget.max())):
+            if step:  # the previous step's tokens, for the rows that sampled one
+                prefix.feed_hidden(steps[-1][:, None], live[:, None].long())
             logits = prefix.next_logits().float()  # [rows, V]
-            logits[:, self.suppress.to(logits.device)] = -float("inf")
-            token = pick_tokens(logits, params.temperature, params.top_p, generator,
-                                (params.first_row, params.total_rows or rows))  # [rows]
+            logits[:, self.suppress] = -float("inf")
+            token = pick_tokens(logits, params.temperature, params.top_p, generator, (self.rows, self.total_rows))
+            live = ~done
             token = token.masked_fill(done, self.pad_id)
             steps.append(token)
-            done |= token == self.eos_id
-            if bool(done.all()) or step == params.max_new_tokens - 1:
+            if params.temperature > 0:
+                logps.append(torch.log_softmax(logits / params.temperature, dim=-1).gather(1, token[:, None])[:, 0])
+            done = done | (token == self.eos_id) | (step + 1 >= budget)
+            if bool(done.all()):
                 break
-            prefix.feed_hidden(token[:, None], torch.ones_like(token)[:, None])
-        return finish(torch.stack(steps, dim=1).cpu(), self.eos_id, self.pad_id, self.vlm.tokenizer)
+        self.turn += 1
+        self.unfed = torch.where(live, steps[-1], -1)
+        ids = torch.stack(steps, dim=1).cpu()  # [rows, T]
+        logprobs = torch.stack(logps, dim=1).cpu() if logps else None
+        return [self._turn(ids[row], None if logprobs is None else logprobs[row], int(budget[row]))
+                for row in range(ids.shape[0])]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        self.prefix.select(index)
+        self.rows, self.unfed = self.rows[index], self.unfed[index]
+
+    @torch.no_grad()
+    def extend(self, ids: Sequence[Sequence[int]], pixels: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Feed each row's observation, after the last token of its turn if that is not fed yet."""
+        rows = [([int(token)] if token >= 0 else []) + list(row) for token, row in zip(self.unfed.tolist(), ids,
+                                                                                      strict=True)]
+        width = max(map(len, rows))
+        tokens = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
+        with_images = [p for p in pixels if p]
+        images = {}
+        if with_images:
+            images = {"pixel_values": torch.cat([p["pixel_values"] for p in with_images]).to(self.device),
+                      "image_grid_thw": torch.cat([p["image_grid_thw"] for p in with_images]).to(self.device)}
+        self.prefix.feed_hidden(tokens, mask, **images)
+        self.unfed = torch.full_like(self.unfed, -1)
+
+    def _turn(self, ids: torch.Tensor, logprobs: torch.Tensor | None, budget: int) -> ModelTurn:
+        """A row's turn from its ``[T]`` step tokens: through its first end-of-sequence, else its
+        whole budget."""
+        tokens = ids.tolist()
+        ended = self.eos_id in tokens
+        length = tokens.index(self.eos_id) + 1 if ended else min(budget, len(tokens))
+        return ModelTurn(tokens[:length], None if logprobs is None else logprobs[:length].tolist(), ended)
+
+    def _generator(self) -> torch.Generator | None:
+        """This turn's generator: the call's seed for the first turn, one derived from it for later ones."""
+        if self.params.seed is None:
+            return None
+        seed = self.params.seed
+        if self.turn:
+            seed = int.from_bytes(hashlib.sha256(f"{seed}:{self.turn}".encode()).digest()[:7], "big")
+        return torch.Generator(device=self.device).manual_seed(seed)
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None = None, share: tuple[int, int] | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, share: tuple[torch.Tensor, int] | None = None
+                ) -> torch.Tensor:
     """``[rows]`` next tokens from ``[rows, V]`` logits: greedy when temperature is 0, otherwise
     sampled from ``softmax(logits / temperature)`` restricted to the top-p nucleus (``share``:
     see ``sample_rows``)."""
@@ -71,18 +148,19 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None,
-                share: tuple[int, int] | None = None) -> torch.Tensor:
+                share: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """``[rows]``: one index per row of ``[rows, V]`` non-negative weights, drawn with probability
     proportional to the weight, by inverting the cumulative sum (on CPU over 10x faster than
     ``torch.multinomial`` at the tiny vocabulary and 3x at Qwen's: ``benchmarks/token_sampling.py``).
     Targets lie in ``[0, total)`` and ``right=True`` steps over equal sums, so a zero weight is never drawn.
 
-    ``share`` = (first, total_rows): these rows are rows ``first ..`` of a draw over ``total_rows``
-    rows split across processes; the uniforms are drawn for all of them and this share's taken."""
+    ``share`` = (``[rows]`` indices, total): these rows are those rows of a draw over ``total``
+    rows (split across processes, or some rows already finished); the uniforms are drawn for all
+    of them and these rows' taken."""
     cdf = probs.double().cumsum(dim=-1)  # [rows, V]; float64 so that rounding never favours a token
     total = cdf[:, -1:]
-    first, drawn = share or (0, cdf.shape[0])
+    index, drawn = share or (torch.arange(cdf.shape[0], device=cdf.device), cdf.shape[0])
     uniforms = torch.rand(drawn, 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
-    targets = uniforms[first:first + cdf.shape[0]] * total
+    targets = uniforms[index] * total
     targets = torch.minimum(targets, torch.nextafter(total, torch.zeros_like(total)))  # rounding can reach total
     return torch.searchsorted(cdf, targets, right=True).squeeze(-1)

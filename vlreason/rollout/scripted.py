@@ -1,38 +1,62 @@
-"""A rollout engine that replays given completion texts: rollout -> reward -> loss tests run in
-seconds, and a pipeline can be debugged without sampling. Registered as ``scripted``."""
+"""A rollout engine that replays given texts: rollout -> reward -> loss tests run in seconds, and a
+pipeline (tools included) can be debugged without sampling. Registered as ``scripted``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from transformers import BatchFeature
 
 from vlreason.models.vlm import VLM
-from vlreason.rollout.engine import ENGINES, Rollouts, SamplingParams, finish
+from vlreason.rollout.engine import ENGINES, ModelTurn, PromptBatch, SamplingParams
 
 
 @ENGINES.register("scripted")
 class ScriptedEngine:
-    """Returns ``completions`` in order, cycling: call after call, row after row (a process's
-    share of a draw gets the rows it would get in one process)."""
+    """Replays ``completions`` in order, cycling: call after call, row after row (a process's share
+    of a draw gets the rows it would get in one process). A completion is one text (one turn) or a
+    list of texts, one per turn; a row asked for more turns than its list has repeats the last."""
 
-    def __init__(self, vlm: VLM, completions: Sequence[str]):
+    def __init__(self, vlm: VLM, completions: Sequence[str | Sequence[str]]):
         if not completions:
             raise ValueError("the scripted engine needs at least one completion text")
         self.tokenizer = vlm.tokenizer
-        self.completions = list(completions)
+        self.completions = [[text] if isinstance(text, str) else list(text) for text in completions]
+        if not all(self.completions):
+            raise ValueError("a scripted completion given as a list of turns needs at least one turn")
         self.cursor = 0
 
-    def generate(self, prompt_inputs: BatchFeature, params: SamplingParams) -> Rollouts:
-        rows = prompt_inputs["input_ids"].shape[0] * params.n
+    def start(self, prompts: PromptBatch, params: SamplingParams) -> ScriptedSession:
+        rows = len(prompts) * params.n
         start = self.cursor + params.first_row
-        texts = [self.completions[(start + i) % len(self.completions)] for i in range(rows)]
+        scripts = [self.completions[(start + i) % len(self.completions)] for i in range(rows)]
         self.cursor += params.total_rows or rows
+        return ScriptedSession(self.tokenizer, scripts)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to do: the texts do not depend on the weights."""
+
+
+class ScriptedSession:
+    """Each running row's script and the turn it is at."""
+
+    def __init__(self, tokenizer, scripts: list[list[str]]):
+        self.tokenizer = tokenizer
+        self.scripts = scripts
+        self.turn = 0
+
+    def sample(self, max_new_tokens: Sequence[int]) -> list[ModelTurn]:
         eos = self.tokenizer.eos_token
-        encoded = [self.tokenizer(text + eos, add_special_tokens=False)["input_ids"][:params.max_new_tokens]
-                   for text in texts]
-        width = max(len(ids) for ids in encoded)
-        pad = int(self.tokenizer.pad_token_id)
-        ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded])
-        return finish(ids, int(self.tokenizer.eos_token_id), pad, self.tokenizer)
+        turns = []
+        for script, budget in zip(self.scripts, max_new_tokens, strict=True):
+            text = script[min(self.turn, len(script) - 1)]
+            ids = self.tokenizer(text + eos, add_special_tokens=False)["input_ids"][:budget]
+            turns.append(ModelTurn(ids, None, ids[-1] == self.tokenizer.eos_token_id))
+        self.turn += 1
+        return turns
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.scripts = [self.scripts[row] for row in rows]
+
+    def extend(self, ids: Sequence[Sequence[int]], pixels: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Nothing to do: the next turns are already written."""

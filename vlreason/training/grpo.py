@@ -58,7 +58,7 @@ from vlreason.config import ConfigError, StageConfig, final_checkpoint
 from vlreason.models.prefix import CompletionScorer
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, overlong_penalty, policy_loss
-from vlreason.rollout.engine import SamplingParams, build_engine
+from vlreason.rollout.engine import SamplingParams
 from vlreason.training import TrainingStopped
 from vlreason.training.checkpoints import (
     check_same_data,
@@ -76,7 +76,7 @@ from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
 from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
-from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats
+from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats, stage_loop
 from vlreason.training.sft import StageResult
 from vlreason.training.update import build_update
 
@@ -140,7 +140,7 @@ class GRPOTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.vlm = prepare_model(stage.model, stage.seed)
         self.model = self.vlm.model
-        samples = fit_length(self.vlm, inputs.samples, stage)
+        samples = fit_length(self.vlm, inputs.samples, stage, inputs.tool_schemas)
         self.stream = PromptStream(samples, stage.seed)
         self.data_fingerprint = data_fingerprint(samples)
         if stage.optim.gradient_checkpointing:
@@ -157,8 +157,10 @@ class GRPOTrainer:
                                        num_training_steps=stage.optim.max_steps)
         rollout, algorithm = stage.rollout, stage.algorithm
         scorer = RewardScorer(inputs.rewards, algorithm.on_reward_error, timeout_s=algorithm.reward_timeout_s)
+        loop = stage_loop(self.vlm, stage, inputs.agent)
+        self.engine = loop.engine
         self.sampler = GroupSampler(
-            self.vlm, build_engine(rollout.engine, self.vlm), scorer,
+            self.vlm, loop, scorer,
             torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
@@ -287,6 +289,7 @@ class GRPOTrainer:
         grad_norm, applied = self.update.step(self.stage.optim.max_grad_norm, math.isfinite(loss_sum))
         if applied:
             self.bad_in_row = 0
+            self.engine.update_weights(self.model)
         else:
             self._skip_update(loss_sum, grad_norm)
         return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, not applied)
@@ -310,7 +313,7 @@ class GRPOTrainer:
         group = self.stage.rollout.num_generations
         micros = []
         for part in batch.parts:
-            rows = part.rollouts.completion_ids.shape[0]
+            rows = len(part.trajectories)
             size = self.stage.optim.micro_batch_size or rows
             for start in range(0, rows, size):
                 stop = min(start + size, rows)
@@ -331,12 +334,11 @@ class GRPOTrainer:
         return micros + [replace(filler, weight=0.0)] * (most - len(micros))
 
     def _completion_logprobs(self, micro: MicroBatch, scorer: Callable[..., Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, T]`` log-probs and entropies of the micro-batch's completions by ``scorer`` (a
+        """``[n, T]`` log-probs and entropies of the micro-batch's trajectories by ``scorer`` (a
         ``CompletionScorer``, or the update's forward through it)."""
         device = next(self.model.parameters()).device
-        rollouts = micro.part.rollouts
-        tokens, mask = rollouts.completion_ids[micro.rows].to(device), rollouts.completion_mask[micro.rows].to(device)
-        return scorer(micro.prompt_inputs.to(device), tokens, mask, micro.repeat, micro.images_per_prompt)
+        continuation = micro.part.trajectories.continuation(micro.rows).to(device)
+        return scorer(micro.prompt_inputs.to(device), continuation, micro.repeat, micro.images_per_prompt)
 
     @torch.no_grad()
     def _logprobs(self, micro: MicroBatch, scorer: CompletionScorer) -> torch.Tensor:
@@ -374,13 +376,13 @@ class GRPOTrainer:
         return reference
 
     def _loss_mask(self, micro: MicroBatch) -> torch.Tensor:
-        """``[n, T]`` tokens the loss counts: generated tokens through end-of-sequence. With
-        ``mask_truncated``, completions cut off at ``max_new_tokens`` are left out entirely
-        (they are still scored and logged)."""
-        rollouts = micro.part.rollouts
-        mask = rollouts.completion_mask[micro.rows].clone()
+        """``[n, T]`` tokens the loss counts: the tokens the model wrote (each turn through its
+        end-of-sequence; never observations). With ``mask_truncated``, trajectories whose last turn
+        ran out of tokens are left out entirely (they are still scored and logged)."""
+        trajectories = micro.part.trajectories
+        mask = trajectories.loss_mask[micro.rows].clone()
         if self.stage.algorithm.mask_truncated:
-            mask[rollouts.truncated[micro.rows]] = 0
+            mask[trajectories.truncated[micro.rows]] = 0
         return mask
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -393,14 +395,14 @@ class GRPOTrainer:
         advantages = torch.cat([part.advantages for part in batch.parts])
         shaping = {}
         if self.sampler.length_penalty is not None:
-            lengths = torch.cat([rollouts.completion_mask.sum(dim=1) for rollouts in batch.all_rollouts])
+            lengths = torch.cat([trajectories.lengths for trajectories in batch.all_trajectories])
             shaping["reward/overlong_penalty"] = float(self.sampler.length_penalty(lengths).mean())
         return {
             **shaping,
             "reward/total": float(all_rewards.nanmean()),
             "reward/total_std": float(all_rewards[~all_rewards.isnan()].std()) if all_rewards.numel() > 1 else 0.0,
             "reward/kept_total": float(values.nanmean()),
-            **reward_stats(batch.all_tables, batch.all_rollouts),
+            **reward_stats(batch.all_tables, batch.all_trajectories),
             "advantages/mean": float(advantages.mean()),
             "advantages/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
             "advantages/abs_max": float(advantages.abs().max()),
@@ -432,16 +434,24 @@ class GRPOTrainer:
         return budget is not None and self.processes.max([self.train_seconds])[0] >= budget
 
     def _dump_rollouts(self, batch: SampledBatch) -> None:
+        """One line per trajectory: its final turn, rewards, advantage and how it stopped; with
+        several turns also every model turn's text and the tool calls."""
+        g = self.stage.rollout.num_generations
+        decode = self.sampler.loop.decode
         with (self.out / "rollouts.jsonl").open("a") as handle:
             for part in batch.parts:
-                g = self.stage.rollout.num_generations
-                for row, text in enumerate(part.rollouts.texts):
+                trajectories = part.trajectories
+                for row, text in enumerate(trajectories.texts):
                     sample = part.samples[row // g]
                     scores = {n: (None if np.isnan(v) else float(v)) for n, v in zip(
                         part.table.names, part.table.values[row], strict=True)}
                     record = {"step": self.step_count + 1, "id": sample.id, "source": sample.source,
                               "completion": text, "rewards": scores, "advantage": float(part.advantages[row]),
-                              "truncated": bool(part.rollouts.truncated[row])}
+                              "truncated": bool(trajectories.truncated[row]), "stop": trajectories.stops[row].value}
+                    if len(trajectories.turns[row]) > 1 or trajectories.tool_calls[row]:
+                        ids = trajectories.ids[row].tolist()
+                        record["turns"] = [decode(ids[start:stop]) for start, stop in trajectories.turns[row]]
+                        record["tool_calls"] = trajectories.tool_calls[row]
                     handle.write(json.dumps(record) + "\n")
 
     def plot(self) -> Path | None:

@@ -30,9 +30,11 @@ import yaml
 from vlreason.config import PipelineConfig, StageConfig, StageKind, as_dict, final_checkpoint
 from vlreason.eval import evaluate, write_report
 from vlreason.models.vlm import load_vlm
+from vlreason.rollout.agent import build_agent
 from vlreason.training.distributed import processes
 from vlreason.training.grpo import run_grpo
 from vlreason.training.preflight import StageInputs, check_pipeline, stage_finished, stage_inputs
+from vlreason.training.rollouts import stage_loop
 from vlreason.training.run_dir import RunLock
 from vlreason.training.sft import StageResult, run_sft
 
@@ -93,8 +95,9 @@ def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:
         return None
     vlm = load_vlm(final_checkpoint(stage.output_dir), dtype=stage.model.dtype, min_pixels=stage.model.min_pixels,
                    max_pixels=stage.model.max_pixels, device=stage.model.device)
+    agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
     report = evaluate(vlm, stage.data.eval, max_new_tokens=stage.rollout.max_new_tokens,
-                      progress=stage.logging.progress)
+                      progress=stage.logging.progress, loop=stage_loop(vlm, stage, agent))
     write_report(report, stage.output_dir, title=f"Evaluation after stage {stage.name}")
     logger.info("stage %s: %s", stage.name, ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()
                                                        if isinstance(v, float)))

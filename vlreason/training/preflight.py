@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vlreason.config import ConfigError, PipelineConfig, StageConfig, StageKind, final_checkpoint
 from vlreason.data.jsonl import DataError, DataProblem, OnBadSample, read_jsonl
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM, resolve_device
 from vlreason.rewards.api import RewardFn, check_columns, get_reward
+from vlreason.rollout.agent import Agent, build_agent
 from vlreason.training.checkpoints import checkpoint_step, checkpoints, read_stage_record
 from vlreason.training.distributed import processes
 from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
@@ -38,6 +41,12 @@ class StageInputs:
     samples: list[Sample]
     columns: set[str]
     rewards: dict[str, RewardFn] = field(default_factory=dict)
+    agent: Agent | None = None  # multi-turn rollouts (agent.mode); its tool schemas go into prompts
+
+    @property
+    def tool_schemas(self) -> list[dict[str, Any]] | None:
+        """The tool schemas the stage's prompts list in their system prompt (None: no tools)."""
+        return self.agent.schemas() if self.agent is not None else None
 
 
 def check_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool = False) -> dict[str, StageInputs]:
@@ -79,24 +88,28 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     samples = data.samples[: stage.data.max_samples]
     if stage.data.eval:
         _refuse_video(read_jsonl(stage.data.eval).video_sources, stage.data.eval, f"{where}.data.eval")
+    agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
     rewards: dict[str, RewardFn] = {}
     if stage.kind is StageKind.SFT:
         _check_responses(samples)
     else:
         rewards = {name: get_reward(spec.fn or name, **spec.options) for name, spec in stage.rewards.items()}
         check_columns(rewards, data.columns, stage.data.train)
-    return StageInputs(samples=samples, columns=data.columns, rewards=rewards)
+    return StageInputs(samples=samples, columns=data.columns, rewards=rewards, agent=agent)
 
 
-def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig) -> list[Sample]:
+def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig,
+               tools: Sequence[dict[str, Any]] | None = None) -> list[Sample]:
     """The samples within ``data.max_tokens`` (the prompt for GRPO, the whole conversation for
-    SFT, image tokens counted); longer ones stop the run or are skipped per ``data.on_bad_sample``."""
+    SFT, image tokens and the ``tools`` schemas of the system prompt counted); longer ones stop
+    the run or are skipped per ``data.on_bad_sample``."""
     limit = stage.data.max_tokens
     if limit is None:
         return samples
     whole = stage.kind is StageKind.SFT
     conversations = [s.messages if whole else s.prompt_messages for s in samples]
-    lengths = vlm.token_counts(conversations, [s.image_sizes for s in samples], add_generation_prompt=not whole)
+    lengths = vlm.token_counts(conversations, [s.image_sizes for s in samples], add_generation_prompt=not whole,
+                               tools=tools)
     too_long = [DataProblem(*_file_and_line(s.source), "messages" if whole else "prompt",
                             f"{n} tokens (images included) exceed data.max_tokens={limit}; shorten the sample, "
                             "lower model.max_pixels, or raise data.max_tokens")

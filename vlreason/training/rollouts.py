@@ -24,17 +24,27 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
+from vlreason.config import StageConfig
 from vlreason.data.batch import load_sample_images
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM
-from vlreason.rewards.scoring import RewardScorer, RewardTable, dataset_columns, parsed_columns
+from vlreason.rewards.scoring import RewardScorer, RewardTable, reward_columns
 from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
-from vlreason.rollout.engine import RolloutEngine, Rollouts, SamplingParams
+from vlreason.rollout.agent import Agent, AgentLoop
+from vlreason.rollout.engine import SamplingParams, StopReason, Trajectories, build_engine, encode_prompts
 from vlreason.training import TrainingStopped
 from vlreason.training.distributed import Processes
 from vlreason.vision.images import ImageInfo
 
 logger = logging.getLogger(__name__)
+
+
+def stage_loop(vlm: VLM, stage: StageConfig, agent: Agent | None) -> AgentLoop:
+    """The stage's rollouts: its engine (``rollout.engine`` with ``rollout.engine_options``) and
+    ``agent`` within the ``agent`` section's budgets (GRPO and evaluation alike)."""
+    engine = build_engine(stage.rollout.engine, vlm, **stage.rollout.engine_options)
+    budgets = stage.agent
+    return AgentLoop(vlm, engine, agent, budgets.max_turns, budgets.max_images, budgets.max_tokens)
 
 
 class PromptStream:
@@ -75,7 +85,7 @@ class GroupBatch:
 
     samples: list[Sample]
     prompt_inputs: BatchFeature
-    rollouts: Rollouts
+    trajectories: Trajectories
     table: RewardTable  # [N, R]
     rewards: torch.Tensor  # [N] weighted total, NaN where no reward applies
     advantages: torch.Tensor  # [N]
@@ -110,15 +120,17 @@ class SampledBatch:
     draws: int = 0
     skipped_samples: int = 0  # samples whose images failed to load
     all_tables: list[RewardTable] = field(default_factory=list)
-    all_rollouts: list[Rollouts] = field(default_factory=list)
+    all_trajectories: list[Trajectories] = field(default_factory=list)
     generate_s: float = 0.0
     reward_s: float = 0.0
     spare: GroupBatch | None = None  # a dropped group, for padding passes when no group was kept here
 
     def for_logging(self) -> SampledBatch:
         """A copy without the encoded prompts (pixels), small enough to gather on the main process."""
-        parts = [replace(part, prompt_inputs=BatchFeature()) for part in self.parts]
-        return replace(self, parts=parts, spare=None)
+        parts = [replace(part, prompt_inputs=BatchFeature(), trajectories=part.trajectories.without_media())
+                 for part in self.parts]
+        return replace(self, parts=parts, spare=None,
+                       all_trajectories=[t.without_media() for t in self.all_trajectories])
 
     @staticmethod
     def merged(batches: Sequence[SampledBatch]) -> SampledBatch:
@@ -127,15 +139,15 @@ class SampledBatch:
         first = batches[0]
         return replace(first, parts=[p for b in batches for p in b.parts],
                        all_tables=[t for b in batches for t in b.all_tables],
-                       all_rollouts=[r for b in batches for r in b.all_rollouts],
+                       all_trajectories=[r for b in batches for r in b.all_trajectories],
                        generate_s=max(b.generate_s for b in batches), reward_s=max(b.reward_s for b in batches),
                        spare=None)
 
 
 class GroupSampler:
-    """Draws prompts, samples G completions each, scores them, computes advantages."""
+    """Draws prompts, samples G trajectories each, scores them, computes advantages."""
 
-    def __init__(self, vlm: VLM, engine: RolloutEngine, scorer: RewardScorer, weights: torch.Tensor,
+    def __init__(self, vlm: VLM, loop: AgentLoop, scorer: RewardScorer, weights: torch.Tensor,
                  data_columns: Sequence[str], group_size: int, sampling: SamplingParams,
                  scale: AdvantageScale, clock: Callable[[], float],
                  length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -143,7 +155,7 @@ class GroupSampler:
         """``length_penalty``: ``[N]`` completion lengths -> ``[N]`` added to the total reward
         (DAPO's overlong shaping), or None. ``processes``: the ranks sharing each draw (default: one)."""
         self.vlm = vlm
-        self.engine = engine
+        self.loop = loop
         self.scorer = scorer
         self.weights = weights
         self.data_columns = list(data_columns)
@@ -219,32 +231,31 @@ class GroupSampler:
         """Steps 1-4 for some prompts (advantages are set by the caller)."""
         # step 1: encode each prompt and its images once
         start = self.clock()
-        prompt_inputs, infos = self.vlm.encode([s.prompt_messages for s in samples], images)
-        # step 2: sample G completions per prompt
-        rollouts = self.engine.generate(prompt_inputs, sampling)
+        prompts = encode_prompts(self.vlm, [s.prompt_messages for s in samples], images, self.loop.tool_schemas)
+        # step 2: sample G trajectories per prompt (with tools: model turns and observations)
+        trajectories = self.loop.run(prompts, sampling)
         out.generate_s += self.clock() - start
-        # step 3: score every completion with every reward (boxes parsed into original pixels)
+        # step 3: score every trajectory with every reward (boxes parsed into original pixels)
         start = self.clock()
-        table = self._score(samples, infos, rollouts)
+        table = self._score(samples, prompts.infos, trajectories)
         out.reward_s += self.clock() - start
         out.all_tables.append(table)
-        out.all_rollouts.append(rollouts)
+        out.all_trajectories.append(trajectories)
         # step 4: weighted total reward (advantages: normalised within each group by the caller)
         rewards = combine_rewards(torch.from_numpy(table.values).float(), self.weights)
         if self.length_penalty is not None:
-            rewards = rewards + self.length_penalty(rollouts.completion_mask.sum(dim=1))  # NaN stays NaN
-        return GroupBatch(samples, prompt_inputs, rollouts, table, rewards, torch.zeros_like(rewards))
+            rewards = rewards + self.length_penalty(trajectories.lengths)  # NaN stays NaN
+        return GroupBatch(samples, prompts.inputs, trajectories, table, rewards, torch.zeros_like(rewards))
 
-    def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], rollouts: Rollouts) -> RewardTable:
+    def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], trajectories: Trajectories) -> RewardTable:
         g = self.group_size
-        decoders = [self.vlm.box_decoder(row) for row in infos for _ in range(g)]
-        columns = dataset_columns(samples, self.data_columns, repeat=g)
-        columns |= parsed_columns(rollouts.texts, [s.image_sizes for s in samples for _ in range(g)], decoders,
-                                  rollouts.truncated.tolist())
-        columns["prompts"] = [s.prompt_messages for s in samples for _ in range(g)]
-        columns["completion_ids"] = [ids[mask.bool()].tolist() for ids, mask in
-                                     zip(rollouts.completion_ids, rollouts.completion_mask, strict=True)]
-        return self.scorer(rollouts.texts, columns)
+        model_ids = [ids[mask.bool()].tolist() for ids, mask in zip(trajectories.ids, trajectories.loss_mask,
+                                                                    strict=True)]
+        columns = reward_columns(samples, trajectories.texts, self.data_columns, repeat=g,
+                                 decoders=[self.vlm.box_decoder(row) for row in infos for _ in range(g)],
+                                 truncated=trajectories.truncated.tolist(), completion_ids=model_ids,
+                                 trace=trajectories.reward_columns())
+        return self.scorer(trajectories.texts, columns)
 
     def _drop_flat_groups(self, part: GroupBatch, images: list[list[Image.Image]], out: SampledBatch
                           ) -> GroupBatch | None:
@@ -258,27 +269,46 @@ class GroupSampler:
         if not keep:
             out.spare = out.spare or part
             return None
-        rows = torch.tensor([i * self.group_size + j for i in keep for j in range(self.group_size)])
+        rows = [i * self.group_size + j for i in keep for j in range(self.group_size)]
         samples = [part.samples[i] for i in keep]
-        prompt_inputs, _ = self.vlm.encode([s.prompt_messages for s in samples], [images[i] for i in keep])
-        rollouts = Rollouts(part.rollouts.completion_ids[rows], part.rollouts.completion_mask[rows],
-                            [part.rollouts.texts[i] for i in rows.tolist()], part.rollouts.truncated[rows])
-        table = RewardTable(part.table.names, part.table.values[rows.numpy()], part.table.failures)
-        return GroupBatch(samples, prompt_inputs, rollouts, table, part.rewards[rows], part.advantages[rows])
+        prompt_inputs, _ = self.vlm.encode([s.prompt_messages for s in samples], [images[i] for i in keep],
+                                           tools=self.loop.tool_schemas)
+        table = RewardTable(part.table.names, part.table.values[rows], part.table.failures)
+        return GroupBatch(samples, prompt_inputs, part.trajectories.select(rows), table, part.rewards[rows],
+                          part.advantages[rows])
 
 
-def reward_stats(tables: Sequence[RewardTable], rollouts: Sequence[Rollouts]) -> dict[str, float]:
-    """Per-reward means (over applicable completions) and completion statistics of everything sampled."""
+def reward_stats(tables: Sequence[RewardTable], trajectories: Sequence[Trajectories]) -> dict[str, float]:
+    """Per-reward means (over applicable trajectories) and trajectory statistics of everything sampled."""
     values = np.concatenate([t.values for t in tables])  # [N, R]
     stats: dict[str, Any] = {}
     for j, name in enumerate(tables[0].names):
         column = values[:, j]
         stats[f"reward/{name}"] = float(np.nanmean(column)) if (~np.isnan(column)).any() else None
         stats[f"reward_failures/{name}"] = float(sum(t.failures.get(name, 0) for t in tables))
-    lengths = torch.cat([r.lengths for r in rollouts]).float()
+    lengths = torch.cat([t.lengths for t in trajectories]).float()
     stats["completions/mean_length"] = float(lengths.mean())
     stats["completions/min_length"] = float(lengths.min())
     stats["completions/max_length"] = float(lengths.max())
-    stats["completions/truncated_frac"] = float(torch.cat([r.truncated for r in rollouts]).float().mean())
-    stats["completions/empty_frac"] = float(np.mean([not t.strip() for r in rollouts for t in r.texts]))
+    stats["completions/truncated_frac"] = float(torch.cat([t.truncated for t in trajectories]).float().mean())
+    stats["completions/empty_frac"] = float(np.mean([not text.strip() for t in trajectories for text in t.texts]))
+    return stats | tool_stats(trajectories)
+
+
+def tool_stats(trajectories: Sequence[Trajectories]) -> dict[str, float]:
+    """Turns per trajectory, how trajectories stopped, and tool calls per trajectory, overall and
+    per tool, with the share that failed (malformed, unknown, bad arguments, tool errors)."""
+    rows = [row for t in trajectories for row in range(len(t))]
+    stops = [stop for t in trajectories for stop in t.stops]
+    calls = [call for t in trajectories for row_calls in t.tool_calls for call in row_calls]
+    stats = {"turns/mean": float(np.mean([len(spans) for t in trajectories for spans in t.turns])),
+             **{f"stops/{reason.value}": stops.count(reason) / len(stops) for reason in StopReason}}
+    if not calls:
+        return stats
+    stats["tools/calls_per_sample"] = len(calls) / len(rows)
+    stats["tools/invalid_rate"] = sum(call["error"] is not None for call in calls) / len(calls)
+    for name in sorted({str(call["name"]) for call in calls}):
+        named = [call for call in calls if str(call["name"]) == name]
+        stats[f"tools/{name}/calls"] = float(len(named))
+        stats[f"tools/{name}/errors"] = float(sum(call["error"] is not None for call in named))
     return stats

@@ -2,9 +2,11 @@
 
 The loss counts only what the model should learn to write: the content of assistant turns and
 their ``<|im_end|>``. System and user text, image pads, tool outputs and padding are labelled
--100. Boxes inside reference responses are in original-image pixels (the data convention) and
-are rewritten into the family's own convention before tokenizing, so the model learns to write
-boxes the way its family does.
+-100. Tool traces are conversations with ``tool`` messages (text and images) between assistant
+turns; with ``agent.tools`` set, the system prompt lists the tools' schemas as in GRPO. Boxes
+inside reference responses (tool-call arguments included) are in original-image pixels (the data
+convention) and are rewritten into the family's own convention before tokenizing, so the model
+learns to write boxes the way its family does.
 
 Thought dropout (TON, "Think or Not"): with probability p a response's ``<think>`` block is
 replaced by an empty one, teaching the model that thinking may be skipped. Which presentations
@@ -79,10 +81,10 @@ def run_sft(stage: StageConfig, resume: bool = False, inputs: StageInputs | None
     inputs = inputs or stage_inputs(stage)
     out = Path(stage.output_dir)
     vlm = prepare_model(stage.model, stage.seed)
-    samples = fit_length(vlm, inputs.samples, stage)
+    samples = fit_length(vlm, inputs.samples, stage, inputs.tool_schemas)
     checkpoint = _resume_point(out, samples, stage) if resume else None
     clock = WallClock(stage.optim.time_budget_s, read_marker(checkpoint)["seconds"] if checkpoint else 0.0)
-    collator = SFTCollator(vlm, samples, stage.data.thought_dropout, stage.seed)
+    collator = SFTCollator(vlm, samples, stage.data.thought_dropout, stage.seed, inputs.tool_schemas)
     if checkpoint is not None and checkpoint_step(checkpoint) >= stage.optim.max_steps:
         load_checkpoint_weights(vlm.model, checkpoint)
         steps = checkpoint_step(checkpoint)
@@ -209,10 +211,13 @@ class SFTCollator:
             the next sample of ``data`` that loads (the skip is counted), so batches keep their size.
         thought_dropout: the rate of ``<think>`` blocks emptied (TON).
         seed: with the epoch and the sample, decides which thoughts are dropped.
+        tools: tool schemas the system prompt lists (``agent.tools``), as in GRPO's prompts.
     """
 
-    def __init__(self, vlm: VLM, data: Sequence[Sample], thought_dropout: float = 0.0, seed: int = 0):
+    def __init__(self, vlm: VLM, data: Sequence[Sample], thought_dropout: float = 0.0, seed: int = 0,
+                 tools: Sequence[dict[str, Any]] | None = None):
         self.vlm = vlm
+        self.tools = tools
         self.data = list(data)
         self.position = {sample.source: index for index, sample in enumerate(self.data)}
         self.thought_dropout = thought_dropout
@@ -228,7 +233,7 @@ class SFTCollator:
         loaded = [self.load(sample) for sample in samples]
         conversations = [empty_thoughts(s.messages) if self.drops_thoughts(s) else s.messages for s, _ in loaded]
         inputs, _ = self.vlm.encode(conversations, [images for _, images in loaded], add_generation_prompt=False,
-                                    convert_boxes=True)
+                                    convert_boxes=True, tools=self.tools)
         inputs["labels"] = assistant_labels(inputs["input_ids"], self.im_start, self.header, self.im_end)
         return dict(inputs)
 
