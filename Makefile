@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlreason tests benchmarks scripts rewards
+	$(BIN)/ruff check vlreason tests benchmarks scripts rewards tools
 
 test: lint
 	$(BIN)/pytest

@@ -269,3 +269,21 @@ def test_eval_on_a_model_folder_without_processor_files_says_what_is_missing(tmp
     code, _, err = run(capsys, "eval", str(tmp_path / "weights_only"), "--data", str(data_dir / "grounding.jsonl"))
     assert code == 2
     assert "holds model weights but no image processor or tokenizer files" in err
+
+
+def test_eval_with_tools_reports_the_tool_use(tmp_path, capsys):
+    from vlreason.data.zoom import synthesize_zoom
+
+    data, _ = synthesize_zoom(tmp_path / "zoom", n=3, canvas=256, progress=False)
+    code, out, _ = run(capsys, "eval", "tiny-qwen3-vl", "--data", str(data), "--tools", "crop", "--max-new-tokens",
+                       "8", "--out", str(tmp_path / "report"))
+    assert code == 0
+    for metric in ("tool_call_rate", "invalid_call_rate", "turns_per_sample", "accuracy"):
+        assert metric in out
+    assert "tool_call_rate" in json.loads((tmp_path / "report" / "eval.json").read_text())["metrics"]
+
+
+def test_eval_with_an_unknown_tool_fails_before_loading_a_model(data_dir, capsys):
+    code, _, err = run(capsys, "eval", "no/such-model", "--data", str(data_dir / "grounding.jsonl"), "--tools", "corp")
+    assert code == 2
+    assert "unknown tool 'corp'; did you mean crop?" in err

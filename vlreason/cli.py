@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                           help="compute dtype (auto: the checkpoint's)")
+    agent = evaluate.add_mutually_exclusive_group()
+    agent.add_argument("--tools", nargs="+", metavar="SPEC",
+                       help="tools the model may call in multi-turn rollouts, e.g. crop or tools/rotate.py:rotate")
+    agent.add_argument("--grounding", action="store_true",
+                       help="MGPO's two turns: a box, then the answer after seeing its crop")
+    evaluate.add_argument("--max-turns", type=_positive_int, default=3, help="model turns with --tools (default 3)")
+    evaluate.add_argument("--max-tokens", type=_positive_int, default=1024,
+                          help="tokens after the prompt with --tools/--grounding (default 1024)")
     evaluate.set_defaults(run=run_eval)
 
     quick = commands.add_parser("quickstart", help="synthetic grounding on CPU: base -> SFT -> GRPO vs more SFT")
@@ -173,13 +181,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from vlreason.eval import evaluate, write_report
     from vlreason.models.vlm import load_vlm
+    from vlreason.rollout import AgentLoop, HFEngine
+    from vlreason.rollout.agent import build_agent
     from vlreason.training.checkpoints import refuse_training_checkpoint
 
     refuse_training_checkpoint(args.model)
+    mode = "tools" if args.tools else "grounding" if args.grounding else "none"
+    agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
     _quiet_transformers()
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
+    loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=args.max_turns, max_tokens=args.max_tokens)
     report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit)
+                      limit=args.limit, loop=loop)
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
     json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
     print(_format_table(("metric", "value"), [(k, _cell(v) if isinstance(v, float) else str(v))
@@ -257,7 +270,7 @@ def run_tools_list(args: argparse.Namespace) -> int:
 
 
 def run_rewards_check(args: argparse.Namespace) -> int:
-    from vlreason.rewards import RewardScorer, check_columns, dataset_columns, get_reward, parsed_columns
+    from vlreason.rewards import RewardScorer, check_columns, get_reward, reward_columns
 
     if args.option and len(args.specs) > 1:
         raise ValueError("--option applies to a single SPEC; check rewards with options one at a time")
@@ -270,7 +283,7 @@ def run_rewards_check(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: no sample has a reference response ('response' or a final assistant "
                          "message), and rewards check scores reference responses")
     completions = [s.response for s in samples]
-    columns = dataset_columns(samples, data.columns) | parsed_columns(completions, [s.image_sizes for s in samples])
+    columns = reward_columns(samples, completions, data.columns)
     table = RewardScorer(rewards, on_error=args.on_error)(completions, columns)
     print(_score_report(table, samples, args.show))
     if len(samples) < len(data.samples):

@@ -34,20 +34,22 @@ QUESTION = "What colour is the small dot inside the black frame? Answer with one
 
 
 def draw_zoom_scene(rng: random.Random, canvas: int) -> tuple[Image.Image, Box, str]:
-    """A light canvas with a black frame (a quarter of the side) holding one dot at its centre (a 1/80 of the side)
-    and two to four dots of other colours outside it. Returns the image, the frame box (original
-    pixels) and the dot's colour."""
+    """A light canvas with a black frame (a quarter of the side) holding one dot (1/80 of the
+    side) at its centre, and two to four dots of other colours outside it. Returns the image, the
+    frame box (original pixels) and the dot's colour."""
     frame_side, dot = canvas // 4, max(3, canvas // 80)
-    boxes = place_boxes(rng, 1 + rng.randint(2, 4), canvas, frame_side, frame_side)
+    frame = place_boxes(rng, 1, canvas, frame_side, frame_side)[0]
     colour = rng.choice(list(DOT_COLOURS))
     image = Image.new("RGB", (canvas, canvas), tuple(rng.randint(215, 250) for _ in range(3)))
     draw = ImageDraw.Draw(image)
-    frame = boxes[0]
-    width = max(2, canvas // 64)
-    draw.rectangle([frame[0], frame[1], frame[2] - 1, frame[3] - 1], outline=(0, 0, 0), width=width)
-    for box, name in [(frame, colour)] + [(b, rng.choice([c for c in DOT_COLOURS if c != colour])) for b in boxes[1:]]:
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        draw.ellipse([cx - dot / 2, cy - dot / 2, cx + dot / 2 - 1, cy + dot / 2 - 1], fill=DOT_COLOURS[name])
+    draw.rectangle([frame[0], frame[1], frame[2] - 1, frame[3] - 1], outline=(0, 0, 0), width=max(2, canvas // 64))
+    centres = [((frame[0] + frame[2]) / 2, (frame[1] + frame[3]) / 2, colour)]
+    while len(centres) < 1 + rng.randint(2, 4):
+        x, y = rng.uniform(dot, canvas - dot), rng.uniform(dot, canvas - dot)
+        if not (frame[0] - dot <= x <= frame[2] + dot and frame[1] - dot <= y <= frame[3] + dot):
+            centres.append((x, y, rng.choice([c for c in DOT_COLOURS if c != colour])))
+    for x, y, name in centres:
+        draw.ellipse([x - dot / 2, y - dot / 2, x + dot / 2 - 1, y + dot / 2 - 1], fill=DOT_COLOURS[name])
     return image, frame, colour
 
 

@@ -13,6 +13,7 @@ from vlreason.rewards.scoring import (
     RewardTable,
     dataset_columns,
     parsed_columns,
+    reward_columns,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "parse_completion",
     "parsed_columns",
     "register_reward",
+    "reward_columns",
 ]

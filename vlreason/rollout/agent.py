@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -221,15 +222,25 @@ class AgentLoop:
         self.max_tokens = max_tokens if agent is not None else None
         self.silent = set(silent_special_ids(vlm.tokenizer))
         self.pad_id = int(vlm.tokenizer.pad_token_id)
+        self.observe_s = 0.0  # the last run's time in agents and observation encoding (not the model)
 
     @property
     def tool_schemas(self) -> list[dict[str, Any]] | None:
         """What prompts for this loop list in their system prompt."""
         return self.agent.schemas() if self.agent is not None else None
 
+    @property
+    def tool_names(self) -> list[str]:
+        """Names of the tools the model may call (``grounding`` for MGPO's crop turn)."""
+        schemas = self.tool_schemas
+        if schemas is not None:
+            return [schema["function"]["name"] for schema in schemas]
+        return ["grounding"] if isinstance(self.agent, GroundingAgent) else []
+
     def run(self, prompts: PromptBatch, params: SamplingParams) -> Trajectories:
         """``len(prompts) * params.n`` trajectories (rows grouped by prompt)."""
         session = self.engine.start(prompts, params)
+        self.observe_s = 0.0
         rows = [_Row() for _ in range(len(prompts) * params.n)]
         running = list(range(len(rows)))
         for turn in range(self.max_turns):
@@ -265,12 +276,14 @@ class AgentLoop:
             row.stop = StopReason.TURNS
         if row.stop is not None:
             return None
+        started = time.perf_counter()
         context = ToolContext(images=prompts.images[prompt], infos=prompts.infos[prompt], adapter=self.vlm.adapter,
                               resize=self.vlm.resize)
         observation = self.agent.observe(text, context, self.max_images - len(row.images))
         row.calls += observation.calls
         rendered = self.vlm.adapter.render_continuation(observation.messages)
         ids, pixels, _ = self.vlm.encode_observation(rendered, observation.images)
+        self.observe_s += time.perf_counter() - started
         if self.max_tokens is not None and len(row.ids) + len(ids) >= self.max_tokens:
             row.stop = StopReason.CONTEXT
             return None

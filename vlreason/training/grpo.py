@@ -402,7 +402,7 @@ class GRPOTrainer:
             "reward/total": float(all_rewards.nanmean()),
             "reward/total_std": float(all_rewards[~all_rewards.isnan()].std()) if all_rewards.numel() > 1 else 0.0,
             "reward/kept_total": float(values.nanmean()),
-            **reward_stats(batch.all_tables, batch.all_trajectories),
+            **reward_stats(batch.all_tables, batch.all_trajectories, self.sampler.loop.tool_names),
             "advantages/mean": float(advantages.mean()),
             "advantages/std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
             "advantages/abs_max": float(advantages.abs().max()),
@@ -417,6 +417,7 @@ class GRPOTrainer:
             "groups/draws": float(batch.draws),
             "data/skipped_samples": float(batch.skipped_samples),
             "time/generate": batch.generate_s,
+            "time/tools": batch.tools_s,
             "time/reward": batch.reward_s,
             "time/train": train_s,
         }

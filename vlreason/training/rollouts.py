@@ -121,7 +121,8 @@ class SampledBatch:
     skipped_samples: int = 0  # samples whose images failed to load
     all_tables: list[RewardTable] = field(default_factory=list)
     all_trajectories: list[Trajectories] = field(default_factory=list)
-    generate_s: float = 0.0
+    generate_s: float = 0.0  # tool calls and observations included (also in tools_s)
+    tools_s: float = 0.0
     reward_s: float = 0.0
     spare: GroupBatch | None = None  # a dropped group, for padding passes when no group was kept here
 
@@ -140,7 +141,8 @@ class SampledBatch:
         return replace(first, parts=[p for b in batches for p in b.parts],
                        all_tables=[t for b in batches for t in b.all_tables],
                        all_trajectories=[r for b in batches for r in b.all_trajectories],
-                       generate_s=max(b.generate_s for b in batches), reward_s=max(b.reward_s for b in batches),
+                       generate_s=max(b.generate_s for b in batches), tools_s=max(b.tools_s for b in batches),
+                       reward_s=max(b.reward_s for b in batches),
                        spare=None)
 
 
@@ -235,6 +237,7 @@ class GroupSampler:
         # step 2: sample G trajectories per prompt (with tools: model turns and observations)
         trajectories = self.loop.run(prompts, sampling)
         out.generate_s += self.clock() - start
+        out.tools_s += self.loop.observe_s
         # step 3: score every trajectory with every reward (boxes parsed into original pixels)
         start = self.clock()
         table = self._score(samples, prompts.infos, trajectories)
@@ -278,8 +281,10 @@ class GroupSampler:
                           part.advantages[rows])
 
 
-def reward_stats(tables: Sequence[RewardTable], trajectories: Sequence[Trajectories]) -> dict[str, float]:
-    """Per-reward means (over applicable trajectories) and trajectory statistics of everything sampled."""
+def reward_stats(tables: Sequence[RewardTable], trajectories: Sequence[Trajectories], tool_names: Sequence[str] = ()
+                 ) -> dict[str, float]:
+    """Per-reward means (over applicable trajectories) and trajectory statistics of everything
+    sampled (``tool_names``: see ``tool_stats``)."""
     values = np.concatenate([t.values for t in tables])  # [N, R]
     stats: dict[str, Any] = {}
     for j, name in enumerate(tables[0].names):
@@ -292,12 +297,13 @@ def reward_stats(tables: Sequence[RewardTable], trajectories: Sequence[Trajector
     stats["completions/max_length"] = float(lengths.max())
     stats["completions/truncated_frac"] = float(torch.cat([t.truncated for t in trajectories]).float().mean())
     stats["completions/empty_frac"] = float(np.mean([not text.strip() for t in trajectories for text in t.texts]))
-    return stats | tool_stats(trajectories)
+    return stats | tool_stats(trajectories, tool_names)
 
 
-def tool_stats(trajectories: Sequence[Trajectories]) -> dict[str, float]:
+def tool_stats(trajectories: Sequence[Trajectories], tool_names: Sequence[str] = ()) -> dict[str, float]:
     """Turns per trajectory, how trajectories stopped, and tool calls per trajectory, overall and
-    per tool, with the share that failed (malformed, unknown, bad arguments, tool errors)."""
+    per tool (``tool_names``; a call naming another tool counts as ``unknown``, one that did not
+    parse as ``malformed``), with the share that failed (malformed, unknown, bad arguments, errors)."""
     rows = [row for t in trajectories for row in range(len(t))]
     stops = [stop for t in trajectories for stop in t.stops]
     calls = [call for t in trajectories for row_calls in t.tool_calls for call in row_calls]
@@ -307,8 +313,8 @@ def tool_stats(trajectories: Sequence[Trajectories]) -> dict[str, float]:
         return stats
     stats["tools/calls_per_sample"] = len(calls) / len(rows)
     stats["tools/invalid_rate"] = sum(call["error"] is not None for call in calls) / len(calls)
-    for name in sorted({str(call["name"]) for call in calls}):
-        named = [call for call in calls if str(call["name"]) == name]
-        stats[f"tools/{name}/calls"] = float(len(named))
-        stats[f"tools/{name}/errors"] = float(sum(call["error"] is not None for call in named))
+    for call in calls:
+        name = call["name"] if call["name"] in tool_names else "malformed" if call["name"] is None else "unknown"
+        stats[f"tools/{name}/calls"] = stats.get(f"tools/{name}/calls", 0.0) + 1
+        stats[f"tools/{name}/errors"] = stats.get(f"tools/{name}/errors", 0.0) + (call["error"] is not None)
     return stats
