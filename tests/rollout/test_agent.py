@@ -197,13 +197,15 @@ class EndsAt:
         return output
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
-def test_hf_multi_turn_sampling_logprobs_equal_the_training_forward(preset):
+@pytest.mark.parametrize(("preset", "device"), [("tiny-qwen2-vl", "cpu"), ("tiny-qwen2.5-vl", "cpu"),
+                                                ("tiny-qwen3-vl", "cpu"),
+                                                pytest.param("tiny-qwen3-vl", "cuda", marks=pytest.mark.gpu)])
+def test_hf_multi_turn_sampling_logprobs_equal_the_training_forward(preset, device):
     """Rows end their first turn at different steps (the finished ones wait, masked), get a crop
     with its pixels and sample again from the kept cache: the sampler's log-probs are the ones
     one forward over the finished trajectories gives."""
     vlm = build_tiny_vlm(preset, seed=0)
-    vlm.model.eval()
+    vlm.model.to(device).eval()
     prompts = encode_prompts(vlm, [QUESTION, QUESTION], [[scene()], [scene().rotate(90, expand=True)]])
     hook = EndsAt(vlm, {0: [2], 1: [5], 2: [3], 3: [1]})
     handle = vlm.model.lm_head.register_forward_hook(hook)
@@ -212,14 +214,15 @@ def test_hf_multi_turn_sampling_logprobs_equal_the_training_forward(preset):
         out = loop.run(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=0))
         hook.sampling = False
         with torch.no_grad():
-            logp, _ = CompletionScorer(vlm.model, 1.0)(prompts.inputs, out.continuation(slice(0, 4)), 2, [1, 1])
+            continuation = out.continuation(slice(0, 4)).to(device)
+            logp, _ = CompletionScorer(vlm.model, 1.0)(prompts.inputs.to(device), continuation, 2, [1, 1])
     finally:
         handle.remove()
     assert [len(spans) for spans in out.turns] == [2, 2, 2, 2] and out.logprobs is not None
     assert [b - a for a, b in (spans[0] for spans in out.turns)] == [3, 6, 4, 2]
     assert out.stops == [StopReason.TOKENS] * 4  # the second turns ran out of tokens
     free = out.loss_mask.bool() & (out.ids != vlm.tokenizer.eos_token_id)  # forced tokens aside
-    torch.testing.assert_close(out.logprobs[free], logp[free], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out.logprobs[free], logp.cpu()[free], atol=2e-4, rtol=1e-4)
 
 
 def test_an_impossible_crop_is_a_crop_error():

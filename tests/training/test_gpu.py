@@ -73,3 +73,38 @@ def test_the_pipeline_runs_on_the_gpu_from_the_command_line(tmp_path, data):
     assert main(["train", str(path)]) == 0
     stages = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert [s["steps"] for s in stages] == [3, 2] and all(s["eval"]["samples"] == 8 for s in stages)
+
+
+def test_tool_rollouts_sample_and_train_on_the_gpu(tmp_path, monkeypatch):
+    """Multi-turn GRPO in MGPO's grounding mode where the model lives: every row writes a box (its
+    token choices forced), the crop is fed into the CUDA cache, the second turn answers, and the
+    update trains on both turns."""
+    from vlreason.data.zoom import synthesize_zoom
+    from vlreason.models.prefix import SharedPrefix
+
+    data, _ = synthesize_zoom(tmp_path / "zoom", n=4, canvas=256, progress=False)
+    stage = {"kind": "grpo", "optim": {"learning_rate": 1e-3, "batch_size": 2, "max_steps": 1},
+             "rollout": {"num_generations": 4, "max_new_tokens": 24}, "rewards": {"classification": {}},
+             "agent": {"mode": "grounding"}, "logging": {"tensorboard": False, "progress": False},
+             "save": {"every": 0}}
+    raw = {"output_dir": str(tmp_path / "run"), "data": {"train": str(data)}, "stages": [stage],
+           "model": {"name_or_path": "tiny-qwen3-vl", "device": "cuda", "freeze_vision": False}}
+    grpo = GRPOTrainer(load_config(None, raw=raw).stages[0])
+    tokenizer = grpo.vlm.tokenizer
+    script = [t for text in ("[100, 100, 600, 600]", "<answer>red</answer>")
+              for t in tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]]
+    original, steps = SharedPrefix.next_logits, []
+
+    def forced(prefix):
+        logits = original(prefix)
+        choice = torch.full_like(logits, -1e4)
+        choice[:, script[len(steps) % len(script)]] = 1e4
+        steps.append(1)
+        return choice
+
+    monkeypatch.setattr(SharedPrefix, "next_logits", forced)
+    before = {n: p.detach().clone() for n, p in grpo.model.named_parameters() if p.requires_grad}
+    values = grpo.step()
+    assert values["turns/mean"] == 2.0 and values["tools/grounding/calls"] == 8.0
+    assert values["tools/grounding/errors"] == 0.0 and values["stops/end"] == 1.0
+    assert any(not torch.equal(before[n], p) for n, p in grpo.model.named_parameters() if p.requires_grad)

@@ -74,3 +74,25 @@ def test_grpo_step_logs_the_tool_use(tmp_path, data):
     assert values["tools/crop/calls"] == 2.0 and values["tools/crop/errors"] == 0.0
     assert values["tools/unknown/calls"] == 2.0 and values["tools/unknown/errors"] == 2.0
     assert values["tools/invalid_rate"] == 0.5 and values["stops/end"] == 1.0
+
+
+def test_rewards_receive_what_trl_passes(tmp_path, data):
+    """A TRL-style reward reads ``prompts``, ``completion_ids`` (the model's tokens only) and
+    ``trainer_state`` with the step, besides the tool trace."""
+    seen = {}
+
+    def trl_reward(completions, prompts, completion_ids, trainer_state, tool_calls, **kwargs):
+        seen.update(step=trainer_state.global_step, max_steps=trainer_state.max_steps, prompts=prompts,
+                    ids=completion_ids, calls=tool_calls)
+        return [0.0] * len(completions)
+
+    grpo = trainer(tmp_path, data, [[ZOOM, "<answer>red</answer>"]])
+    grpo.sampler.scorer.rewards = {"trl": trl_reward}
+    grpo.step_count = 1
+    batch = grpo.sampler.sample(grpo.stream, 2, seed=0, dynamic=False, max_refills=0)
+    grpo.step()
+    assert seen["step"] == 1 and seen["max_steps"] == 2
+    assert seen["prompts"][0][0]["role"] == "user" and len(seen["ids"]) == 4
+    trajectories = batch.parts[0].trajectories
+    assert seen["ids"][0] == trajectories.ids[0][trajectories.loss_mask[0].bool()].tolist()
+    assert seen["calls"][0][0]["name"] == "crop"

@@ -98,3 +98,18 @@ def test_resuming_on_changed_data_says_so(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "checkpoint-2 was trained on other data (6 samples" in err and "(3 samples" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"rollout": {"engine": "hff"}}, "unknown rollout engine 'hff'; did you mean hf"),
+    ({"rollout": {"engine": "hf", "engine_options": {"gpu_memory": 0.5}}},
+     "rollout.engine_options: got an unexpected keyword argument 'gpu_memory' for engine 'hf' (it takes: no options)"),
+    ({"rollout": {"engine": "scripted"}}, "missing a required argument: 'completions'"),
+    ({"agent": {"mode": "tools", "tools": ["corp"]}}, "unknown tool 'corp'; did you mean crop"),
+    ({"agent": {"mode": "tools", "tools": ["tools/none.py:spin"]}}, "tool plugin file not found: "),
+])
+def test_engine_and_tools_are_checked_before_any_model_loads(data, section, message):
+    entry = {"kind": "grpo", "rewards": {"iou": {}}, **section}
+    raw = {"output_dir": str(data.parent / "runs"), "data": {"train": str(data)}, "stages": [entry]}
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
+        stage_inputs(load_config(None, raw=raw).stages[0])

@@ -150,12 +150,15 @@ class RewardScorer:
         self.on_error = OnRewardError(on_error)
         self.timeout_s = timeout_s
 
-    def __call__(self, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> RewardTable:
+    def __call__(self, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]],
+                 shared: Mapping[str, Any] | None = None) -> RewardTable:
         """Score completions.
 
         Args:
             completions: N completions.
             columns: dataset columns and ``parsed_columns`` output, each a list of N values.
+            shared: keyword arguments passed as they are to every call, not per completion (TRL's
+                ``trainer_state``).
 
         Raises:
             RewardError: a reward returned a batch of the wrong length or type, or failed (or
@@ -165,11 +168,12 @@ class RewardScorer:
         for name, values in columns.items():
             if len(values) != n:
                 raise ValueError(f"column {name!r} has {len(values)} values for {n} completions")
-        outcomes = self._call_all(completions, columns)
+        shared = dict(shared or {})
+        outcomes = self._call_all(completions, {**columns, **shared})
         table = np.full((n, len(self.rewards)), np.nan)
         failures = {}
         for j, (name, outcome) in enumerate(outcomes.items()):
-            scores, failed = self._checked(name, outcome, completions, columns)
+            scores, failed = self._checked(name, outcome, completions, columns, shared)
             table[:, j] = [np.nan if s is None else s for s in scores]
             failures[name] = failed
         return RewardTable(names=list(self.rewards), values=table, failures=failures)
@@ -182,27 +186,27 @@ class RewardScorer:
         outcomes.update(zip(pending, run_awaitables(list(pending.values()), self.timeout_s), strict=True))
         return outcomes
 
-    def _checked(self, name: str, outcome: Any, completions: Sequence[Any],
-                 columns: Mapping[str, Sequence[Any]]) -> tuple[list[Score], int]:
+    def _checked(self, name: str, outcome: Any, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]],
+                 shared: dict[str, Any]) -> tuple[list[Score], int]:
         """One reward's N scores and how many samples failed, from its batch call's outcome."""
         if outcome is _TIMED_OUT:
             return self._timed_out(name, len(completions))
         if isinstance(outcome, BaseException):
-            return self._per_sample(name, outcome, completions, columns)
+            return self._per_sample(name, outcome, completions, columns, shared)
         scores = _batch_scores(name, outcome, len(completions))
         problem = _score_problem(scores)
         if problem is not None:
-            return self._per_sample(name, problem, completions, columns)
+            return self._per_sample(name, problem, completions, columns, shared)
         return [None if s is None else float(s) for s in scores], 0
 
     def _per_sample(self, name: str, batch_problem: Any, completions: Sequence[Any],
-                    columns: Mapping[str, Sequence[Any]]) -> tuple[list[Score], int]:
+                    columns: Mapping[str, Sequence[Any]], shared: dict[str, Any]) -> tuple[list[Score], int]:
         """Re-run a failed reward one sample at a time to find and isolate the failing ones."""
         fn = self.rewards[name]
         scores: list[Score] = []
         failed = []
         for i in range(len(completions)):
-            row = {key: list(values[i:i + 1]) for key, values in columns.items()}
+            row = {key: list(values[i:i + 1]) for key, values in columns.items()} | shared
             out = _call_and_wait(fn, [completions[i]], row, self.timeout_s)
             if out is _TIMED_OUT:
                 return self._timed_out(name, len(completions))

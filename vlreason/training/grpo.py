@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 from tqdm import tqdm
-from transformers import BatchFeature, get_scheduler
+from transformers import BatchFeature, TrainerState, get_scheduler
 
 from vlreason.config import ConfigError, StageConfig, final_checkpoint
 from vlreason.models.prefix import CompletionScorer
@@ -233,7 +233,8 @@ class GRPOTrainer:
         # steps 1-4: prompts -> completions -> rewards -> advantages (with dynamic sampling)
         with self.update.gathered(), autocast(self.model):
             batch = self.sampler.sample(self.stream, self.stage.optim.batch_size, self.stage.seed * 100003 +
-                                        self.step_count, algorithm.dynamic_sampling, algorithm.max_refill_tries)
+                                        self.step_count, algorithm.dynamic_sampling, algorithm.max_refill_tries,
+                                        TrainerState(global_step=self.step_count, max_steps=self.stage.optim.max_steps))
         if batch.kept_groups == 0:
             raise TrainingStopped(self._why_no_groups(batch))
         # step 5: log-probs of the sampling policy (only needed when it changes during the step)

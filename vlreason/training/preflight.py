@@ -13,6 +13,7 @@ than ``data.max_tokens`` are a data problem like any other (stop, or skip and co
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM, resolve_device
 from vlreason.rewards.api import RewardFn, check_columns, get_reward
 from vlreason.rollout.agent import Agent, build_agent
+from vlreason.rollout.engine import ENGINES
 from vlreason.training.checkpoints import checkpoint_step, checkpoints, read_stage_record
 from vlreason.training.distributed import processes
 from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
@@ -89,6 +91,7 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     if stage.data.eval:
         _refuse_video(read_jsonl(stage.data.eval).video_sources, stage.data.eval, f"{where}.data.eval")
     agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
+    check_engine(stage.rollout.engine, stage.rollout.engine_options, f"{where}.rollout")
     rewards: dict[str, RewardFn] = {}
     if stage.kind is StageKind.SFT:
         _check_responses(samples)
@@ -96,6 +99,22 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
         rewards = {name: get_reward(spec.fn or name, **spec.options) for name, spec in stage.rewards.items()}
         check_columns(rewards, data.columns, stage.data.train)
     return StageInputs(samples=samples, columns=data.columns, rewards=rewards, agent=agent)
+
+
+def check_engine(spec: str, options: dict[str, Any], where: str) -> None:
+    """The rollout engine resolves and takes ``options`` (checked against its signature, before any
+    model loads).
+
+    Raises:
+        PluginError: no engine by that name; ConfigError: options it does not take or lacks.
+    """
+    engine = ENGINES.resolve(spec)
+    try:
+        inspect.signature(engine).bind(None, **options)  # the first argument is the model bundle
+    except TypeError as exc:
+        accepted = [p for p in list(inspect.signature(engine).parameters)[1:]]
+        raise ConfigError(f"{where}.engine_options: {exc} for engine {spec!r} (it takes: "
+                          f"{', '.join(accepted) or 'no options'})") from None
 
 
 def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig,

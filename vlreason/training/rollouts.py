@@ -167,13 +167,15 @@ class GroupSampler:
         self.clock = clock
         self.length_penalty = length_penalty
         self.processes = processes or Processes()
+        self.trainer_state: Any = None
 
-    def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int
-               ) -> SampledBatch:
+    def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int,
+               trainer_state: Any = None) -> SampledBatch:
         """Groups for one update: ``batch_size`` prompts over all processes, or with dynamic
         sampling up to ``batch_size`` prompts whose groups have reward variance, drawing at most
-        ``1 + max_refills`` batches of prompts."""
+        ``1 + max_refills`` batches of prompts. ``trainer_state`` reaches every reward (as TRL's does)."""
         out = SampledBatch(parts=[])
+        self.trainer_state = trainer_state
         draws_allowed = 1 + (max_refills if dynamic else 0)
         while out.kept_groups < batch_size and out.draws < draws_allowed:
             needed = batch_size - out.kept_groups if dynamic else batch_size
@@ -258,7 +260,7 @@ class GroupSampler:
                                  decoders=[self.vlm.box_decoder(row) for row in infos for _ in range(g)],
                                  truncated=trajectories.truncated.tolist(), completion_ids=model_ids,
                                  trace=trajectories.reward_columns())
-        return self.scorer(trajectories.texts, columns)
+        return self.scorer(trajectories.texts, columns, {"trainer_state": self.trainer_state})
 
     def _drop_flat_groups(self, part: GroupBatch, images: list[list[Image.Image]], out: SampledBatch
                           ) -> GroupBatch | None:
