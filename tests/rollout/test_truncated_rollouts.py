@@ -13,7 +13,7 @@ from vlreason.models.vlm import build_tiny_vlm
 from vlreason.rewards import RewardScorer, get_reward
 from vlreason.rl import AdvantageScale
 from vlreason.rollout import AgentLoop, SamplingParams, ScriptedEngine
-from vlreason.training.rollouts import GroupSampler, PromptStream
+from vlreason.training.groups import GroupSampler, PromptStream
 
 WHOLE_IMAGE = "[0, 0, 56, 56]"
 

@@ -8,8 +8,8 @@ import torch
 
 from vlreason.config import load_config
 from vlreason.data.zoom import DOT_COLOURS, synthesize_zoom
+from vlreason.training.groups import SampledBatch
 from vlreason.training.grpo import GRPOTrainer
-from vlreason.training.rollouts import SampledBatch
 
 ZOOM = '<tool_call>\n{"name": "crop", "arguments": {"bbox_2d": [100, 100, 600, 600]}}\n</tool_call>'
 

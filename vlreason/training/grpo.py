@@ -72,11 +72,11 @@ from vlreason.training.checkpoints import (
     write_stage_record,
 )
 from vlreason.training.distributed import processes
+from vlreason.training.groups import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats, stage_loop
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
 from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
-from vlreason.training.rollouts import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats, stage_loop
 from vlreason.training.sft import StageResult
 from vlreason.training.update import build_update
 

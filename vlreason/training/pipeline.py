@@ -32,9 +32,9 @@ from vlreason.eval import evaluate, write_report
 from vlreason.models.vlm import load_vlm
 from vlreason.rollout.agent import build_agent
 from vlreason.training.distributed import processes
+from vlreason.training.groups import stage_loop
 from vlreason.training.grpo import run_grpo
 from vlreason.training.preflight import StageInputs, check_pipeline, stage_finished, stage_inputs
-from vlreason.training.rollouts import stage_loop
 from vlreason.training.run_dir import RunLock
 from vlreason.training.sft import StageResult, run_sft
 
