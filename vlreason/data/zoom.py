@@ -34,10 +34,10 @@ QUESTION = "What colour is the small dot inside the black frame? Answer with one
 
 
 def draw_zoom_scene(rng: random.Random, canvas: int) -> tuple[Image.Image, Box, str]:
-    """A light canvas with a black frame (a quarter of the side) holding one dot (1/80 of the
+    """A light canvas with a black frame (a quarter of the side) holding one dot (1/32 of the
     side) at its centre, and two to four dots of other colours outside it. Returns the image, the
     frame box (original pixels) and the dot's colour."""
-    frame_side, dot = canvas // 4, max(3, canvas // 80)
+    frame_side, dot = canvas // 4, max(4, canvas // 32)
     frame = place_boxes(rng, 1, canvas, frame_side, frame_side)[0]
     colour = rng.choice(list(DOT_COLOURS))
     image = Image.new("RGB", (canvas, canvas), tuple(rng.randint(215, 250) for _ in range(3)))

@@ -1,7 +1,8 @@
-"""Sampling and scoring one GRPO batch: prompts -> G completions each -> rewards -> advantages.
+"""Sampling and scoring one GRPO batch: prompts -> G trajectories each -> rewards -> advantages.
 
-A ``Group`` batch holds everything the update needs for B' prompts: their encoded inputs, the
-N = B' * G completions, the reward table and the advantages. With dynamic sampling the groups
+A ``GroupBatch`` holds everything the update needs for B' prompts: their encoded inputs, the
+N = B' * G trajectories (one model turn each, or with tools several, with the observations
+between them), the reward table and the advantages. With dynamic sampling the groups
 whose rewards are all equal carry no signal and are dropped; the batch is then refilled from the
 next prompts, a bounded number of times.
 

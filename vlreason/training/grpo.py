@@ -3,16 +3,18 @@ better ones with the clipped surrogate (math in ``vlreason.rl``).
 
 One step (``GRPOTrainer.step``):
 
-1. draw B prompts and encode each with its images once;
-2. sample G completions per prompt from the rollout engine;
+1. draw B prompts and encode each with its images once (with tools: their schemas in the system prompt);
+2. sample G trajectories per prompt (``rollout.agent.AgentLoop``: the engine's model turns, and
+   with ``agent.mode`` set the tool calls and the observations between them);
 3. score them with every reward (an N x R table, NaN = not applicable);
 4. combine the rewards (weighted, NaN-aware) and normalise within each group; with dynamic
    sampling, drop zero-variance groups and refill from the next prompts;
 5. log-probs of the sampled tokens under the sampling policy (stored when mu > 1) and under the
    frozen reference (when beta > 0; for LoRA the base model with the adapters switched off);
-6. mu times: policy log-probs with gradients, loss, backward (micro-batch by micro-batch, under
-   the whole batch's normaliser), skip the update if the loss or the gradient is not finite,
-   clip, optimizer step;
+6. mu times: policy log-probs with gradients, loss over the model's own tokens (``loss_mask``:
+   never observations), backward (micro-batch by micro-batch, under the whole batch's
+   normaliser), skip the update if the loss or the gradient is not finite, clip, optimizer step
+   (then the engine's ``update_weights``);
 7. log, dump rollouts, checkpoint; the learning-rate schedule advances once per step (not once
    per update), so mu > 1 keeps the schedule of ``optim.max_steps`` steps.
 
