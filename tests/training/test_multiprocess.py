@@ -134,6 +134,48 @@ def test_grpo_on_two_processes_gives_the_single_process_update(grpo_runs):
     assert len(rows) == len((one / "rollouts.jsonl").read_text().splitlines())  # every rank's rollouts gathered
 
 
+# the HF engine with end-of-sequence made likely, so that a random model ends its turns after a
+# few tokens and MGPO's grounding mode runs a second turn after the crop of its box
+SHORT_TURNS_ENGINE = '''
+from vlreason.rollout.hf import HFEngine
+
+
+class ShortTurns(HFEngine):
+    def start(self, prompts, params):
+        session = super().start(prompts, params)
+        eos, next_logits = session.eos_id, session.prefix.next_logits
+
+        def likely_end():
+            logits = next_logits()
+            logits[:, eos] += 6.0
+            return logits
+
+        session.prefix.next_logits = likely_end
+        return session
+'''
+
+
+def test_multi_turn_grpo_on_two_processes_gives_the_single_process_update(tmp_path, data):
+    """Ranks end turns at different steps and keep different rows; every row still samples what
+    it would in one process (per-turn seeds, per-row draws), so the update is the same."""
+    (tmp_path / "engine.py").write_text(SHORT_TURNS_ENGINE)
+
+    def stage(folder: Path) -> dict:
+        entry = grpo_stage(folder, 3)
+        entry["rollout"] = {**entry["rollout"], "engine": f"{tmp_path / 'engine.py'}:ShortTurns"}
+        return {**entry, "agent": {"mode": "grounding", "max_tokens": 200}, "save": {"every": 0}}
+
+    run_one(write_config(tmp_path / "one", data, stage(tmp_path / "one")))
+    run_two(write_config(tmp_path / "two", data, stage(tmp_path / "two")))
+    one, two = tmp_path / "one" / "runs" / "grpo", tmp_path / "two" / "runs" / "grpo"
+    assert_same_update(two / "final", one / "final")
+    metrics = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert all(row["turns/mean"] > 1.2 for row in metrics[0])  # most trajectories ran a second turn
+    for a, b in zip(*metrics, strict=True):
+        assert a["reward/total"] == pytest.approx(b["reward/total"], abs=1e-6)
+        assert a["turns/mean"] == b["turns/mean"] and a["tools/grounding/calls"] == b["tools/grounding/calls"]
+
+
 def test_killing_one_rank_then_resuming_gives_the_uninterrupted_weights(grpo_runs, data):
     folder = grpo_runs["root"] / "killed"
     config = write_config(folder, data, grpo_stage(folder, 4))
