@@ -98,17 +98,26 @@ class VLM:
             ``pixel_values`` ``[P, D]``, ``image_grid_thw`` ``[I, 3]``) and each row's ``ImageInfo``s.
         """
         fitted = [self.prepare_images(row) for row in images]
+        inputs = self.encode_resized(conversations, [row for row, _ in fitted], [infos for _, infos in fitted],
+                                     add_generation_prompt, convert_boxes, tools)
+        return inputs, [infos for _, infos in fitted]
+
+    def encode_resized(self, conversations: Sequence[Sequence[Message]], resized: Sequence[Sequence[Image.Image]],
+                       infos: Sequence[Sequence[ImageInfo]], add_generation_prompt: bool = True,
+                       convert_boxes: bool = False, tools: Sequence[dict[str, Any]] | None = None) -> BatchFeature:
+        """``encode`` for images already fitted to the model (``prepare_images``: the resized
+        images and their ``ImageInfo``s); returns the model inputs."""
         if convert_boxes:
             conversations = [
-                [map_assistant_text(m, partial(self.adapter.text_boxes_to_model, info=infos[0])) for m in conv]
-                if infos else conv for conv, (_, infos) in zip(conversations, fitted, strict=True)
+                [map_assistant_text(m, partial(self.adapter.text_boxes_to_model, info=row[0])) for m in conv]
+                if row else conv for conv, row in zip(conversations, infos, strict=True)
             ]
         texts = self.render(conversations, add_generation_prompt, tools)
-        flat = [image for row, _ in fitted for image in row]
+        flat = [image for row in resized for image in row]
         inputs = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
                                 return_tensors="pt")
         inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
-        return inputs, [infos for _, infos in fitted]
+        return inputs
 
     def encode_observation(self, text: str, images: Sequence[Image.Image]
                            ) -> tuple[list[int], dict[str, torch.Tensor], list[ImageInfo]]:

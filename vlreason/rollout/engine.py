@@ -68,6 +68,7 @@ class PromptBatch:
         messages: the conversations (``{"role", "content"}`` messages).
         texts: each rendered by the family's chat template, generation prompt included.
         images: each prompt's RGB images in original resolution (what tools crop from).
+        resized: the same images at the model's input size (what the model sees).
         infos: original and model-input size of every image.
         inputs: the encoded, left-padded batch (``VLM.encode``) for engines in this process.
     """
@@ -75,6 +76,7 @@ class PromptBatch:
     messages: list[list[Message]]
     texts: list[str]
     images: list[list[Image.Image]]
+    resized: list[list[Image.Image]]
     infos: list[list[ImageInfo]]
     inputs: BatchFeature
 
@@ -219,9 +221,11 @@ def encode_prompts(vlm: VLM, conversations: Sequence[Sequence[Message]], images:
                    tools: Sequence[dict[str, Any]] | None = None) -> PromptBatch:
     """B conversations with their original images as a ``PromptBatch`` (``tools``: the tool
     schemas the system prompt lists)."""
-    inputs, infos = vlm.encode(conversations, images, tools=tools)
+    fitted = [vlm.prepare_images(row) for row in images]
+    resized, infos = [row for row, _ in fitted], [row for _, row in fitted]
     return PromptBatch(messages=[list(conv) for conv in conversations], texts=vlm.render(conversations, True, tools),
-                       images=[list(row) for row in images], infos=infos, inputs=inputs)
+                       images=[list(row) for row in images], resized=resized, infos=infos,
+                       inputs=vlm.encode_resized(conversations, resized, infos, tools=tools))
 
 
 ENGINES = Registry("rollout engine", "vlreason.rollout_engines")
