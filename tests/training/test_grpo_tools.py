@@ -96,3 +96,12 @@ def test_rewards_receive_what_trl_passes(tmp_path, data):
     trajectories = batch.parts[0].trajectories
     assert seen["ids"][0] == trajectories.ids[0][trajectories.loss_mask[0].bool()].tolist()
     assert seen["calls"][0][0]["name"] == "crop"
+
+
+def test_the_engine_gets_the_weights_after_every_applied_update(tmp_path, data):
+    grpo = trainer(tmp_path, data, [[ZOOM, "<answer>red</answer>"], [ZOOM, "<answer>blue</answer>"]],
+                   algorithm={"num_iterations": 2})
+    pushed = []
+    grpo.engine.update_weights = lambda model: pushed.append(model)
+    grpo.step()
+    assert pushed == [grpo.model, grpo.model]  # mu = 2 updates, each applied
