@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int,
                        help="square image side in pixels (default 112; zoom: 1024, the canvas)")
+    synth.add_argument("--max-pixels", type=_positive_int,
+                       help="zoom: the pixel budget (Qwen3-VL's 32 px merged patches) the tool-trace crops are "
+                            "written for: the config's model.max_pixels (default: the tiny models' 65536)")
     synth.set_defaults(run=run_data_synth)
 
     rewards = commands.add_parser("rewards", help="list rewards or try one on data").add_subparsers(metavar="ACTION")
@@ -230,8 +233,10 @@ def run_data_check(args: argparse.Namespace) -> int:
 def run_data_synth(args: argparse.Namespace) -> int:
     if args.task == "zoom":
         from vlreason.data.zoom import synthesize_zoom
+        from vlreason.vision.images import ResizePolicy
 
-        paths = synthesize_zoom(args.out, n=args.n, seed=args.seed, canvas=args.image_size or 1024)
+        resize = ResizePolicy(factor=32, min_pixels=4 * 32**2, max_pixels=args.max_pixels or 64 * 32**2)
+        paths = synthesize_zoom(args.out, n=args.n, seed=args.seed, canvas=args.image_size or 1024, resize=resize)
         print(f"wrote {args.n} zoom samples to {paths[0]} and, as crop-tool traces, to {paths[1]}")
         return 0
     path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size or 112)

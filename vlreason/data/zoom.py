@@ -1,5 +1,6 @@
 """A synthetic task that needs a zoom: the colour of a small dot inside a black frame on a large
-canvas, among dots of other colours outside the frame.
+canvas, among dots of other colours outside the frame. The frame fills one cell of a 3 x 3 grid,
+so finding it is a coarse choice a small model learns quickly; reading its dot needs the crop.
 
 At the model's pixel budget the canvas shrinks until each dot is a few pixels wide: the frame is
 still visible, which dot lies inside it is not. Cropping the frame from the original canvas (the
@@ -24,7 +25,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vlreason.data.synth import place_boxes, where
+from vlreason.data.synth import where
 from vlreason.vision.boxes import Box
 from vlreason.vision.crops import crop_region
 from vlreason.vision.images import ResizePolicy
@@ -34,11 +35,14 @@ QUESTION = "What colour is the small dot inside the black frame? Answer with one
 
 
 def draw_zoom_scene(rng: random.Random, canvas: int) -> tuple[Image.Image, Box, str]:
-    """A light canvas with a black frame (a quarter of the side) holding one dot (1/32 of the
-    side) at its centre, and two to four dots of other colours outside it. Returns the image, the
-    frame box (original pixels) and the dot's colour."""
-    frame_side, dot = canvas // 4, max(4, canvas // 32)
-    frame = place_boxes(rng, 1, canvas, frame_side, frame_side)[0]
+    """A light canvas cut into a 3 x 3 grid; a black frame fills one cell (inset by a tenth),
+    holding one dot (1/32 of the side) at its centre, and two to four dots of other colours lie
+    outside it. Returns the image, the frame box (original pixels) and the dot's colour."""
+    cell, dot = canvas / 3, max(4, canvas // 32)
+    column, row = rng.randrange(3), rng.randrange(3)
+    inset = cell / 10
+    frame = (round(column * cell + inset), round(row * cell + inset), round((column + 1) * cell - inset),
+             round((row + 1) * cell - inset))
     colour = rng.choice(list(DOT_COLOURS))
     image = Image.new("RGB", (canvas, canvas), tuple(rng.randint(215, 250) for _ in range(3)))
     draw = ImageDraw.Draw(image)
@@ -50,7 +54,7 @@ def draw_zoom_scene(rng: random.Random, canvas: int) -> tuple[Image.Image, Box, 
             centres.append((x, y, rng.choice([c for c in DOT_COLOURS if c != colour])))
     for x, y, name in centres:
         draw.ellipse([x - dot / 2, y - dot / 2, x + dot / 2 - 1, y + dot / 2 - 1], fill=DOT_COLOURS[name])
-    return image, frame, colour
+    return image, tuple(float(v) for v in frame), colour
 
 
 def zoom_records(index: int, seed: int, frame: Box, colour: str, canvas: int) -> tuple[dict[str, Any], dict[str, Any]]:
