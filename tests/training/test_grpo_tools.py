@@ -105,3 +105,11 @@ def test_the_engine_gets_the_weights_after_every_applied_update(tmp_path, data):
     grpo.engine.update_weights = lambda model: pushed.append(model)
     grpo.step()
     assert pushed == [grpo.model, grpo.model]  # mu = 2 updates, each applied
+
+
+def test_a_step_of_cut_off_turns_is_reported(tmp_path, data, caplog):
+    grpo = trainer(tmp_path, data, [[ZOOM, "<answer>red</answer>"]], rollout={"max_new_tokens": 20})
+    with caplog.at_level("WARNING", logger="vlreason.training.grpo"):
+        grpo.train()
+    warnings = [r.getMessage() for r in caplog.records if "ran out of tokens" in r.getMessage()]
+    assert len(warnings) == 1 and "rollout.max_new_tokens=20 per turn" in warnings[0]  # said once, not per step

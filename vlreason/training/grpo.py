@@ -172,6 +172,7 @@ class GRPOTrainer:
         self.train_seconds = 0.0
         self.resumed_from: int | None = None
         self.saved_step: int | None = None
+        self.warned_cut_off = False
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class GRPOTrainer:
         values["memory/peak_mb"] = peak_mb
         if self.step_count % self.stage.logging.log_every == 0:
             metrics.write(self.step_count, values)
+        self._warn_if_cut_off(values)
         bar.update(1)
         shown = {"reward": f"{values['reward/total']:.3f}"}
         if self.stage.algorithm.beta > 0:
@@ -424,6 +426,16 @@ class GRPOTrainer:
             "time/reward": batch.reward_s,
             "time/train": train_s,
         }
+
+    def _warn_if_cut_off(self, values: dict[str, Any]) -> None:
+        """Say so (once) when most trajectories of a step ran out of tokens in a turn: their
+        answers are unreadable and their rewards mean little (a tool call alone can take most of
+        a small budget)."""
+        if values["stops/token_budget"] > 0.5 and not self.warned_cut_off:
+            self.warned_cut_off = True
+            logger.warning("step %d: %.0f%% of the trajectories ran out of tokens in a turn (rollout.max_new_tokens=%d"
+                           " per turn); raise it if the completions in rollouts.jsonl are cut off mid-answer",
+                           self.step_count, 100 * values["stops/token_budget"], self.stage.rollout.max_new_tokens)
 
     def _why_no_groups(self, batch: SampledBatch) -> str:
         return (f"step {self.step_count + 1}: dynamic sampling dropped all {batch.sampled_groups} groups of "
