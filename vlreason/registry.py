@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -80,6 +81,21 @@ class Registry:
 
     def _entry_points(self) -> list[Any]:
         return list(entry_points(group=self.entry_point_group))
+
+
+def instantiate(cls: type, options: dict[str, Any], kind: str, spec: str) -> Any:
+    """``cls(**options)`` for a plugin class; bad options name the ones it accepts.
+
+    Raises:
+        PluginError: options the class does not take; ValueError: the class refused their values.
+    """
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        accepted = ", ".join(p for p in inspect.signature(cls).parameters if p != "self") or "none"
+        raise PluginError(f"{kind} {spec!r}: bad options {sorted(options)} ({exc}); accepted: {accepted}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{kind} {spec!r}: {exc}") from exc
 
 
 def _plugin_path(target: str, base_dir: str | Path | None) -> Path:

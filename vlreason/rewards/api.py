@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vlreason.data.schema import RESERVED_COLUMNS
-from vlreason.registry import PluginError, Registry
+from vlreason.registry import PluginError, Registry, instantiate
 from vlreason.rewards.parsing import completion_text
 
 REWARDS = Registry("reward", "vlreason.rewards")
@@ -61,13 +61,7 @@ def get_reward(spec: str, base_dir: str | Path | None = None, **options: Any) ->
     """
     target = REWARDS.resolve(spec, base_dir)
     if inspect.isclass(target):
-        try:
-            reward = target(**options)
-        except TypeError as exc:
-            accepted = ", ".join(p for p in inspect.signature(target).parameters if p != "self") or "none"
-            raise PluginError(f"reward {spec!r}: bad options {sorted(options)} ({exc}); accepted: {accepted}") from exc
-        except ValueError as exc:
-            raise ValueError(f"reward {spec!r}: {exc}") from exc
+        reward = instantiate(target, options, "reward", spec)
     elif options:
         raise PluginError(f"reward {spec!r} is a function and takes no options (got {sorted(options)}); "
                           "put settings in a callable class")

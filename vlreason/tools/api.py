@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
-from vlreason.registry import PluginError, Registry
+from vlreason.registry import PluginError, Registry, instantiate
 
 if TYPE_CHECKING:
     from vlreason.models.adapters import FamilyAdapter
@@ -386,13 +386,7 @@ def get_tool(spec: str, base_dir: str | Path | None = None, **options: Any) -> T
 
 def _instantiate(spec: str, target: Any, options: dict[str, Any]) -> Tool:
     if inspect.isclass(target) and issubclass(target, Tool):
-        try:
-            return target(**options)
-        except TypeError as exc:
-            accepted = ", ".join(p for p in inspect.signature(target).parameters if p != "self") or "none"
-            raise PluginError(f"tool {spec!r}: bad options {sorted(options)} ({exc}); accepted: {accepted}") from exc
-        except ValueError as exc:
-            raise ValueError(f"tool {spec!r}: {exc}") from exc
+        return instantiate(target, options, "tool", spec)
     if options:
         raise PluginError(f"tool {spec!r} is a function and takes no options (got {sorted(options)}); "
                           "put settings in a Tool subclass")
