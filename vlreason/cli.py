@@ -8,7 +8,8 @@
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
     vlreason rewards list                           built-in, registered and entry-point rewards
     vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
-    vlreason tools list                             built-in, registered and entry-point tools"""
+    vlreason tools list                             built-in, registered and entry-point tools
+    vlreason rollout-server MODEL [--port P]        serve vLLM generation + weight updates to trainers"""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import yaml
 from vlreason.data import check_jsonl, read_jsonl
 from vlreason.data.synth import TASKS, synthesize
 from vlreason.registry import PluginError
+from vlreason.rollout.vllm_backend import EngineError
 from vlreason.training import RankFailed, TrainingStopped
 from vlreason.training.interrupt import TrainingInterrupted
 
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
         return 130
-    except (PluginError, ValueError, FileNotFoundError, TrainingStopped, RankFailed) as exc:
+    except (PluginError, ValueError, FileNotFoundError, TrainingStopped, RankFailed, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -139,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = commands.add_parser("tools", help="list the tools a model can call").add_subparsers(metavar="ACTION")
     tools.add_parser("list", help="list available tools").set_defaults(run=run_tools_list)
+
+    server = commands.add_parser("rollout-server", help="serve vLLM rollouts and weight updates to trainers "
+                                 "(rollout.engine: vllm, engine_options.url)")
+    server.add_argument("model", help="hub id, local checkpoint or tiny preset (the trainer's model)")
+    server.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
+    server.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    server.add_argument("--max-model-len", type=int, default=4096, help="longest context, in tokens")
+    server.add_argument("--max-images", type=int, default=8, help="images one trajectory may hold")
+    server.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    server.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache on CPU, in GiB")
+    server.add_argument("--min-pixels", type=int, help="the trainer's model.min_pixels, if it sets one")
+    server.add_argument("--max-pixels", type=int, help="the trainer's model.max_pixels, if it sets one")
+    server.add_argument("--seed", type=int, default=0, help="initialisation seed of a tiny preset")
+    server.set_defaults(run=run_rollout_server)
     return parser
 
 
@@ -258,6 +276,29 @@ def run_rewards_list(args: argparse.Namespace) -> int:
         rows.append((name, needs, summary))
     print(_format_table(("reward", "needs columns", "what it scores"), rows))
     print("\nOther rewards are named 'package.module:attr' or 'path/to/file.py:attr' (see rewards/README.md).")
+    return 0
+
+
+def run_rollout_server(args: argparse.Namespace) -> int:
+    from vlreason.models.vlm import load_vlm
+    from vlreason.rollout.vllm_backend import identity, start_local
+    from vlreason.rollout.vllm_server import RolloutServer
+
+    vlm = load_vlm(args.model, dtype=args.dtype, device="cpu", min_pixels=args.min_pixels,
+                   max_pixels=args.max_pixels, seed=args.seed)
+    backend = start_local(vlm, max_model_len=args.max_model_len, max_images=args.max_images,
+                          gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
+                          tensor_parallel_size=args.tensor_parallel_size)
+    model = identity(vlm.model.config)
+    del vlm  # vLLM holds its own copy of the weights
+    server = RolloutServer((args.host, args.port), backend, model)
+    print(f"rollout server for {args.model} at {server.url} (stop with Ctrl-C or POST /shutdown)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("rollout server stopped", file=sys.stderr)
+    finally:
+        server.server_close()
     return 0
 
 

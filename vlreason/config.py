@@ -150,6 +150,10 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and refill the batch
     max_refill_tries: int = 4  # extra prompt batches drawn per step when dynamic sampling filters
     mask_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
+    # truncated importance sampling for the sampler/trainer mismatch (vLLM's numerics differ from
+    # the trained model's): each token's policy loss is weighted by min(pi_train / pi_sampler,
+    # sampler_is_cap), as verl and TRL offer (null: off; the mismatch is logged either way)
+    sampler_is_cap: float | None = None
     # DAPO's soft overlong punishment: over the last overlong_buffer tokens of max_new_tokens the
     # total reward loses up to overlong_penalty, linearly (0: off)
     overlong_buffer: int = 0
@@ -324,6 +328,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("algorithm.reward_timeout_s", _positive, "must be > 0 seconds, or null for no limit"),
     ("algorithm.overlong_buffer", _non_negative, "must be >= 0 tokens (0: no overlong penalty)"),
     ("algorithm.overlong_penalty", _non_negative, "must be >= 0"),
+    ("algorithm.sampler_is_cap", lambda v: v >= 1.0, "must be >= 1 (e.g. 2.0), or null for no correction"),
     ("logging.log_every", _positive, "must be >= 1"),
     ("logging.rollouts_every", _non_negative, "must be >= 0 (0: never)"),
     ("save.every", _non_negative, "must be >= 0 (0: only at the end)"),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vlreason.rl.losses import LossAggregation, aggregate, clipped_surrogate, k3_kl, policy_loss
+from vlreason.rl.losses import LossAggregation, aggregate, clipped_surrogate, k3_kl, policy_loss, sampler_is_weights
 
 F64 = torch.float64
 LN = math.log
@@ -326,3 +326,22 @@ def test_sequence_level_gradient_spreads_the_sequence_ratio_over_its_tokens():
 def test_sequence_level_needs_the_mask():
     with pytest.raises(ValueError, match="need the token mask"):
         clipped_surrogate(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), 0.2, 0.2, level="sequence")
+
+
+def test_sampler_importance_weights_are_truncated_ratios_without_gradient():
+    behaviour = t([[LN(0.5), LN(0.9), LN(0.2)]]).requires_grad_()
+    sampler = t([[LN(0.25), LN(0.9), LN(0.01)]])
+    weights = sampler_is_weights(behaviour, sampler, cap=3.0)
+    assert_close(weights, [[2.0, 1.0, 3.0]])  # 0.2 / 0.01 = 20 truncated to 3
+    assert not weights.requires_grad
+
+
+def test_policy_loss_weights_each_tokens_surrogate_not_the_kl():
+    logp = t([[-1.0, -2.0]]).requires_grad_()
+    ref = t([[-1.0, -2.0]])
+    kwargs = dict(epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean", max_tokens=2)
+    out = policy_loss(logp, logp.detach(), t([1.0]), torch.ones(1, 2, dtype=F64), beta=0.1, ref_logp=ref,
+                      sampler_weights=t([[2.0, 0.5]]), **kwargs)
+    assert_close(out.loss, -(2.0 + 0.5) / 2)  # ratio 1, A = 1: surrogate -1 per token, weighted; KL 0
+    out.loss.backward()
+    assert_close(logp.grad, [[-2.0 / 2, -0.5 / 2]])

@@ -236,3 +236,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, data, monkeyp
     for name, p in checkpointed.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[name], atol=5e-6, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_each_step_logs_the_sampler_mismatch_and_can_correct_it(tmp_path, data):
+    """The HF engine samples from the trained model itself, with the vision tokens ruled out: the
+    mismatch is that mass, small; the truncated importance weights are the ratio, about 1."""
+    values = trainer(tmp_path, data, algorithm={"sampler_is_cap": 2.0}).step()
+    assert 0.0 < values["sampler/logprob_diff_mean"] <= values["sampler/logprob_diff_max"] < 0.05
+    assert 0.95 < values["sampler/is_weight_mean"] <= 1.0
+    assert "time/weight_sync" not in values  # the HF engine pushes nothing
+
+
+def test_a_correction_needs_an_engine_with_logprobs(tmp_path, data):
+    grpo = trainer(tmp_path, data, ["<answer>[1, 2, 3, 4]</answer>", "no"], algorithm={"sampler_is_cap": 2.0})
+    with pytest.raises(ValueError, match="sampler_is_cap needs the engine's sampling log-probs"):
+        grpo.step()
+    values = trainer(tmp_path / "plain", data, ["<answer>[1, 2, 3, 4]</answer>", "no"]).step()
+    assert "sampler/logprob_diff_mean" not in values

@@ -103,5 +103,7 @@ def tiny_config(adapter: FamilyAdapter, tokenizer: Any, spec: TinySpec = TinySpe
         vision |= {"window_size": 2 * adapter.factor, "fullatt_block_indexes": [spec.vision_layers - 1]}
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top_level)
     text["head_dim"] = spec.head_dim
+    # the released Qwen3-VL configs say so; transformers always interleaves the sections, vLLM reads the flag
+    text["rope_parameters"]["mrope_interleaved"] = True
     vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
     return Qwen3VLConfig(text_config=text, vision_config=vision, **top_level)

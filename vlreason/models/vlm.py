@@ -120,7 +120,7 @@ class VLM:
         return inputs
 
     def encode_observation(self, text: str, images: Sequence[Image.Image]
-                           ) -> tuple[list[int], dict[str, torch.Tensor], list[ImageInfo]]:
+                           ) -> tuple[list[int], dict[str, torch.Tensor], list[Image.Image]]:
         """Tokens of ``text`` that continues a conversation (an observation between model turns),
         with its images resized to the model's budget.
 
@@ -132,12 +132,12 @@ class VLM:
         Returns:
             The token ids (image placeholders expanded to the images' patch counts), the pixel
             inputs (``pixel_values`` ``[P, D]`` and ``image_grid_thw`` ``[I, 3]``; empty without
-            images) and each image's ``ImageInfo``.
+            images) and the images resized to the model's input size.
         """
-        resized, infos = self.prepare_images(images)
+        resized, _ = self.prepare_images(images)
         encoded = self.processor(text=[text], images=resized or None, return_tensors="pt")
         pixels = {key: encoded[key] for key in ("pixel_values", "image_grid_thw") if key in encoded}
-        return encoded["input_ids"][0].tolist(), pixels, infos
+        return encoded["input_ids"][0].tolist(), pixels, resized
 
     def render(self, conversations: Sequence[Sequence[Message]], add_generation_prompt: bool = True,
                tools: Sequence[dict[str, Any]] | None = None) -> list[str]:

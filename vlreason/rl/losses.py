@@ -122,16 +122,22 @@ def policy_loss(
     num_sequences: int | None = None,
     num_tokens: float | None = None,
     importance_level: ImportanceLevel | str = ImportanceLevel.TOKEN,
+    sampler_weights: torch.Tensor | None = None,
 ) -> PolicyLoss:
-    """The GRPO loss: clipped surrogate plus ``beta`` * k3 KL to the reference, aggregated.
+    """The GRPO loss: clipped surrogate (times ``sampler_weights`` when given) plus ``beta`` * k3
+    KL to the reference, aggregated.
 
     Args:
         logp / old_logp / ref_logp: ``[N, T]`` log-probs of the sampled tokens.
         advantages: ``[N]`` or ``[N, T]``.
         mask: ``[N, T]``, 1 on tokens the loss counts.
+        sampler_weights: ``[N, T]`` importance weights of the sampler/trainer mismatch
+            (``sampler_is_weights``), or None.
     """
     per_token, was_clipped = clipped_surrogate(logp, old_logp, advantages, epsilon_low, epsilon_high, mask,
                                                importance_level)
+    if sampler_weights is not None:
+        per_token = per_token * sampler_weights
     kl = torch.zeros_like(per_token)
     if beta != 0.0:
         if ref_logp is None:
@@ -145,3 +151,10 @@ def policy_loss(
         clip_fraction = (was_clipped.to(weight) * weight).sum() / counted
         kl_mean = (kl.detach() * weight).sum() / counted
     return PolicyLoss(loss=loss, clip_fraction=clip_fraction, kl=kl_mean)
+
+
+def sampler_is_weights(behaviour_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """``[N, T]`` truncated importance weights ``min(exp(behaviour - sampler), cap)``: how much more
+    likely the trainer's weights at sampling time (``behaviour_logp``) made each sampled token
+    than the engine that sampled it (``sampler_logp``; vLLM's numerics differ). Constants: no gradient."""
+    return torch.exp(behaviour_logp.detach() - sampler_logp).clamp(max=cap)

@@ -4,6 +4,7 @@ them into trajectories with tool calls and observations (``agent``)."""
 from vlreason.rollout.agent import Agent, AgentLoop, GroundingAgent, Observation, ToolAgent
 from vlreason.rollout.engine import (
     ENGINES,
+    EncodedObservation,
     EngineSession,
     ModelTurn,
     PromptBatch,
@@ -16,7 +17,8 @@ from vlreason.rollout.engine import (
 )
 from vlreason.rollout.hf import HFEngine
 from vlreason.rollout.scripted import ScriptedEngine
+from vlreason.rollout.vllm import VLLMEngine
 
-__all__ = ["ENGINES", "Agent", "AgentLoop", "EngineSession", "GroundingAgent", "HFEngine", "ModelTurn", "Observation",
-           "PromptBatch", "RolloutEngine", "SamplingParams", "ScriptedEngine", "StopReason", "ToolAgent",
-           "Trajectories", "build_engine", "encode_prompts"]
+__all__ = ["ENGINES", "Agent", "AgentLoop", "EncodedObservation", "EngineSession", "GroundingAgent", "HFEngine",
+           "ModelTurn", "Observation", "PromptBatch", "RolloutEngine", "SamplingParams", "ScriptedEngine", "StopReason",
+           "ToolAgent", "Trajectories", "VLLMEngine", "build_engine", "encode_prompts"]

@@ -31,7 +31,16 @@ from vlreason.data.schema import Message
 from vlreason.models.adapters import silent_special_ids
 from vlreason.models.vlm import VLM
 from vlreason.rewards.parsing import find_boxes, to_canonical
-from vlreason.rollout.engine import ModelTurn, PromptBatch, RolloutEngine, SamplingParams, StopReason, Trajectories
+from vlreason.rollout.engine import (
+    EncodedObservation,
+    EngineSession,
+    ModelTurn,
+    PromptBatch,
+    RolloutEngine,
+    SamplingParams,
+    StopReason,
+    Trajectories,
+)
 from vlreason.tools import Tool, ToolContext, ToolError, get_tool, has_tool_call, parse_tool_calls
 from vlreason.vision.crops import CropError, crop_region
 
@@ -239,9 +248,17 @@ class AgentLoop:
 
     def run(self, prompts: PromptBatch, params: SamplingParams) -> Trajectories:
         """``len(prompts) * params.n`` trajectories (rows grouped by prompt)."""
-        session = self.engine.start(prompts, params)
         self.observe_s = 0.0
         rows = [_Row() for _ in range(len(prompts) * params.n)]
+        session = self.engine.start(prompts, params)
+        try:
+            self._turns(session, rows, prompts, params)
+        finally:
+            session.close()
+        return self._trajectories(rows)
+
+    def _turns(self, session: EngineSession, rows: list[_Row], prompts: PromptBatch, params: SamplingParams) -> None:
+        """Model turns and observations until every row has stopped."""
         running = list(range(len(rows)))
         for turn in range(self.max_turns):
             budgets = [self._budget(rows[r], params) for r in running]
@@ -253,11 +270,10 @@ class AgentLoop:
                     going.append(index)
                     observations.append(observation)
             if not going:
-                break
+                return
             session.keep(going)
             running = [running[i] for i in going]
-            session.extend([ids for ids, _ in observations], [pixels for _, pixels in observations])
-        return self._trajectories(rows)
+            session.extend(observations)
 
     def _budget(self, row: _Row, params: SamplingParams) -> int:
         if self.max_tokens is None:
@@ -265,8 +281,8 @@ class AgentLoop:
         return min(params.max_new_tokens, self.max_tokens - len(row.ids))
 
     def _after_turn(self, row: _Row, model_turn: ModelTurn, turn: int, prompts: PromptBatch, prompt: int
-                    ) -> tuple[list[int], dict[str, torch.Tensor]] | None:
-        """The observation ids and pixels to append to ``row``, or None with ``row.stop`` set."""
+                    ) -> EncodedObservation | None:
+        """The observation to append to ``row``, or None with ``row.stop`` set."""
         text = self.decode(model_turn.ids)
         if not model_turn.ended:
             row.stop = StopReason.TOKENS
@@ -282,13 +298,13 @@ class AgentLoop:
         observation = self.agent.observe(text, context, self.max_images - len(row.images))
         row.calls += observation.calls
         rendered = self.vlm.adapter.render_continuation(observation.messages)
-        ids, pixels, _ = self.vlm.encode_observation(rendered, observation.images)
+        ids, pixels, resized = self.vlm.encode_observation(rendered, observation.images)
         self.observe_s += time.perf_counter() - started
         if self.max_tokens is not None and len(row.ids) + len(ids) >= self.max_tokens:
             row.stop = StopReason.CONTEXT
             return None
         row.add_observation(ids, pixels, observation.images)
-        return ids, pixels
+        return EncodedObservation(ids, pixels, resized)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of model-written token ids without the special tokens that mean nothing in text.

@@ -4,8 +4,8 @@ An engine samples; it does not decide what a turn means. ``RolloutEngine.start``
 session over B prompts sampled ``n`` times each (N = B * n rows, rows ``b*n .. b*n + n - 1``
 continue prompt b); the agent loop (``vlreason.rollout.agent``) then asks the session for one
 model turn of every running row (``sample``), keeps the rows that go on (``keep``) and appends
-their observations — tool replies with their images — (``extend``), turn after turn, and builds
-the ``Trajectories`` the trainer, the rewards and the logs read.
+their observations — tool replies with their images — (``extend``), turn after turn, closes the
+session (``close``) and builds the ``Trajectories`` the trainer, the rewards and the logs read.
 
 Engines receive the prompts with their media (``PromptBatch``: the messages, the rendered text,
 the original and the resized images with their ``ImageInfo``, and the encoded batch), so an
@@ -95,6 +95,17 @@ class ModelTurn:
     ended: bool
 
 
+@dataclass
+class EncodedObservation:
+    """An observation as engines take it: its token ids (image placeholders expanded), the pixel
+    inputs of its images (``pixel_values`` ``[P, D]`` / ``image_grid_thw`` ``[I, 3]``; empty
+    without images) and the images themselves at model-input size (for engines that encode them)."""
+
+    ids: list[int]
+    pixels: dict[str, torch.Tensor]
+    images: list[Image.Image]
+
+
 class EngineSession(Protocol):
     """The running rows of one ``RolloutEngine.start`` call, in order."""
 
@@ -106,9 +117,12 @@ class EngineSession(Protocol):
         """Go on with these running rows only (indices into the current rows, in order)."""
         ...
 
-    def extend(self, ids: Sequence[Sequence[int]], pixels: Sequence[dict[str, torch.Tensor]]) -> None:
-        """Append an observation to every running row: its token ids and its images' pixel
-        inputs (``pixel_values`` / ``image_grid_thw``; an empty dict without images)."""
+    def extend(self, observations: Sequence[EncodedObservation]) -> None:
+        """Append an observation to every running row."""
+        ...
+
+    def close(self) -> None:
+        """The rollout is over (an engine may free memory for training)."""
         ...
 
 

@@ -23,7 +23,7 @@ import torch
 
 from vlreason.models.prefix import SharedPrefix
 from vlreason.models.vlm import VLM
-from vlreason.rollout.engine import ENGINES, ModelTurn, PromptBatch, SamplingParams
+from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, PromptBatch, SamplingParams
 
 
 @ENGINES.register("hf")
@@ -97,20 +97,23 @@ class HFSession:
         self.rows, self.unfed = self.rows[index], self.unfed[index]
 
     @torch.no_grad()
-    def extend(self, ids: Sequence[Sequence[int]], pixels: Sequence[dict[str, torch.Tensor]]) -> None:
+    def extend(self, observations: Sequence[EncodedObservation]) -> None:
         """Feed each row's observation, after the last token of its turn if that is not fed yet."""
-        rows = [([int(token)] if token >= 0 else []) + list(row) for token, row in zip(self.unfed.tolist(), ids,
-                                                                                      strict=True)]
+        rows = [([int(token)] if token >= 0 else []) + observation.ids
+                for token, observation in zip(self.unfed.tolist(), observations, strict=True)]
         width = max(map(len, rows))
         tokens = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in rows], device=self.device)
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
-        with_images = [p for p in pixels if p]
+        with_images = [observation.pixels for observation in observations if observation.pixels]
         images = {}
         if with_images:
             images = {"pixel_values": torch.cat([p["pixel_values"] for p in with_images]).to(self.device),
                       "image_grid_thw": torch.cat([p["image_grid_thw"] for p in with_images]).to(self.device)}
         self.prefix.feed_hidden(tokens, mask, **images)
         self.unfed = torch.full_like(self.unfed, -1)
+
+    def close(self) -> None:
+        """Nothing to free: the cache goes with the session."""
 
     def _turn(self, ids: torch.Tensor, logprobs: torch.Tensor | None, budget: int) -> ModelTurn:
         """A row's turn from its ``[T]`` step tokens: through its first end-of-sequence, else its

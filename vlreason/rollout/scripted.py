@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from vlreason.models.vlm import VLM
-from vlreason.rollout.engine import ENGINES, ModelTurn, PromptBatch, SamplingParams
+from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, PromptBatch, SamplingParams
 
 
 @ENGINES.register("scripted")
@@ -58,5 +58,8 @@ class ScriptedSession:
     def keep(self, rows: Sequence[int]) -> None:
         self.scripts = [self.scripts[row] for row in rows]
 
-    def extend(self, ids: Sequence[Sequence[int]], pixels: Sequence[dict[str, torch.Tensor]]) -> None:
+    def extend(self, observations: Sequence[EncodedObservation]) -> None:
         """Nothing to do: the next turns are already written."""
+
+    def close(self) -> None:
+        """Nothing to free."""

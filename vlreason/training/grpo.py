@@ -12,7 +12,9 @@ One step (``GRPOTrainer.step``):
 5. log-probs of the sampled tokens under the sampling policy (stored when mu > 1) and under the
    frozen reference (when beta > 0; for LoRA the base model with the adapters switched off);
 6. mu times: policy log-probs with gradients, loss over the model's own tokens (``loss_mask``:
-   never observations), backward (micro-batch by micro-batch, under the whole batch's
+   never observations; the sampler/trainer mismatch measured, and with
+   ``algorithm.sampler_is_cap`` each token weighted by its truncated importance weight:
+   ``training.mismatch``), backward (micro-batch by micro-batch, under the whole batch's
    normaliser), skip the update if the loss or the gradient is not finite, clip, optimizer step
    (then the engine's ``update_weights``);
 7. log, dump rollouts, checkpoint; the learning-rate schedule advances once per step (not once
@@ -77,6 +79,7 @@ from vlreason.training.distributed import processes
 from vlreason.training.groups import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats, stage_loop
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
+from vlreason.training.mismatch import SamplerMismatch, sampler_metrics
 from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.sft import StageResult
@@ -106,6 +109,11 @@ class UpdateStats:
     kl: float
     entropy: float
     skipped: bool
+    # the sampler/trainer mismatch over the model's tokens: mean and max |log-prob difference|,
+    # and the mean truncated importance weight (None: the engine returned no log-probs)
+    sampler_diff_mean: float | None = None
+    sampler_diff_max: float | None = None
+    sampler_weight_mean: float | None = None
 
 
 def run_grpo(stage: StageConfig, resume: bool = False, inputs: StageInputs | None = None) -> StageResult:
@@ -273,17 +281,23 @@ class GRPOTrainer:
             sum(m.shape[0] for m, micro in zip(masks, micros, strict=True) if micro.weight),
             sum(float(m.sum()) for m, micro in zip(masks, micros, strict=True) if micro.weight)])
         loss_sum, clip_sum, kl_sum, entropy_sum = 0.0, 0.0, 0.0, 0.0
+        mismatch = SamplerMismatch(algorithm.sampler_is_cap)
         for index, micro in enumerate(micros):
             with autocast(self.model):
                 logp, entropy = self._completion_logprobs(micro, self.update.forward)
                 device = logp.device  # rollouts and masks live on the CPU; the model may not
                 mask = masks[index].to(device)
+                behaviour = old[index] if old else logp.detach()  # the trainer's log-probs at sampling time
+                sampled = micro.part.trajectories.logprobs
+                weights = mismatch.add(behaviour, None if sampled is None else sampled[micro.rows], mask,
+                                       counted=micro.weight > 0)
                 result = policy_loss(
-                    logp, old[index] if old else logp.detach(), micro.part.advantages[micro.rows].to(device), mask,
+                    logp, behaviour, micro.part.advantages[micro.rows].to(device), mask,
                     epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
                     aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
                     beta=algorithm.beta, ref_logp=ref[index] if ref else None,
-                    num_sequences=num_sequences, num_tokens=num_tokens, importance_level=algorithm.importance_level)
+                    num_sequences=num_sequences, num_tokens=num_tokens, importance_level=algorithm.importance_level,
+                    sampler_weights=weights)
             self.update.backward(result.loss * micro.weight, last=index == len(micros) - 1)
             share = float(mask.sum()) / max(num_tokens, 1.0) * micro.weight
             loss_sum += float(result.loss.detach()) * micro.weight
@@ -297,7 +311,8 @@ class GRPOTrainer:
             self.engine.update_weights(self.model)
         else:
             self._skip_update(loss_sum, grad_norm)
-        return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, not applied)
+        return UpdateStats(loss_sum, grad_norm, clip_sum, kl_sum, entropy_sum, not applied,
+                           *mismatch.reduced(self.processes))
 
     def _skip_update(self, loss: float, grad_norm: float) -> None:
         self.bad_in_row += 1
@@ -417,6 +432,10 @@ class GRPOTrainer:
             "clip_fraction": last.clip_fraction,
             "entropy": last.entropy,
             "skipped_updates": float(sum(u.skipped for u in updates)),
+            # the first update's mismatch is the sampler's against the weights it sampled with; an
+            # engine that syncs weights says how long the last push took
+            **sampler_metrics(updates[0].sampler_diff_mean, updates[0].sampler_diff_max,
+                              updates[0].sampler_weight_mean, getattr(self.engine, "sync_s", None)),
             "groups/sampled": float(batch.sampled_groups),
             "groups/kept": float(batch.kept_groups),
             "groups/draws": float(batch.draws),
