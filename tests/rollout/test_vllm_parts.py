@@ -200,3 +200,18 @@ def test_an_unreachable_server_names_how_to_start_one():
 def test_identity_tells_the_families_apart():
     assert identity(build_tiny_vlm("tiny-qwen2.5-vl").model.config) != identity(
         build_tiny_vlm("tiny-qwen3-vl").model.config)
+
+
+def test_preflight_checks_the_vllm_engine_before_any_compute():
+    from vlreason.training.preflight import check_engine
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(EngineError, match="did not answer GET /health"):
+        check_engine("vllm", {"url": f"http://127.0.0.1:{port}", "timeout_s": 2}, "stages[1].rollout")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError, match="needs vLLM"):
+            check_engine("vllm", {"gpu_memory_utilization": 0.5}, "stages[1].rollout")

@@ -29,13 +29,22 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 
 from vlreason.models.vlm import VLM
 from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, PromptBatch, SamplingParams
-from vlreason.rollout.vllm_backend import Backend, Decoding, Request, identity, named_weights, start_local
+from vlreason.rollout.vllm_backend import (
+    Backend,
+    Decoding,
+    Request,
+    identity,
+    import_vllm,
+    named_weights,
+    start_local,
+)
 from vlreason.rollout.vllm_server import RemoteVLLM
 
 
@@ -74,6 +83,19 @@ class VLLMEngine:
         self.backend = start_local(vlm, dtype=dtype, max_model_len=max_model_len, max_images=max_images,
                                    gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
                                    enforce_eager=enforce_eager, sleep=sleep)
+
+    @staticmethod
+    def preflight(url: str | None = None, timeout_s: float = 600.0, **options: Any) -> None:
+        """Before a run spends compute: the rollout server answers, or vLLM is installed and
+        supports the installed transformers.
+
+        Raises:
+            EngineError: with the fix.
+        """
+        if url is not None:
+            RemoteVLLM(url, None, timeout_s)
+        else:
+            import_vllm()
 
     def start(self, prompts: PromptBatch, params: SamplingParams) -> VLLMSession:
         """A session over the prompts' rows; first pushes weights trained since the last one."""

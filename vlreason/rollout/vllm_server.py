@@ -224,14 +224,15 @@ class RemoteVLLM:
 
     Args:
         url: the server, e.g. ``http://127.0.0.1:8000``.
-        model: the trainer's model ``identity``; a server with another refuses to start.
+        model: the trainer's model ``identity``; a server with another refuses to start (None:
+            only check that the server answers).
         timeout_s: limit of one request (a health check waits at most 10 s).
 
     Raises:
         EngineError: the server does not answer, or serves another model.
     """
 
-    def __init__(self, url: str, model: dict[str, Any], timeout_s: float = 600.0):
+    def __init__(self, url: str, model: dict[str, Any] | None, timeout_s: float = 600.0):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise EngineError(f"rollout.engine_options.url {url!r}: expected http://HOST:PORT")
@@ -239,7 +240,7 @@ class RemoteVLLM:
         self.host, self.port = parts.hostname, parts.port or 80
         self.timeout_s = timeout_s
         served = self.health()["model"]
-        if served != model:
+        if model is not None and served != model:
             different = {key: (served.get(key), model[key]) for key in model if served.get(key) != model[key]}
             raise EngineError(f"the rollout server at {url} serves another model (server vs trainer: {different}); "
                               "start it with the trainer's model: vlreason rollout-server MODEL")

@@ -102,11 +102,13 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
 
 
 def check_engine(spec: str, options: dict[str, Any], where: str) -> None:
-    """The rollout engine resolves and takes ``options`` (checked against its signature, before any
-    model loads).
+    """The rollout engine resolves, takes ``options`` (checked against its signature, before any
+    model loads) and, when it has a ``preflight(**options)`` check (vLLM: installed and matching
+    transformers, or its rollout server answering), passes it.
 
     Raises:
-        PluginError: no engine by that name; ConfigError: options it does not take or lacks.
+        PluginError: no engine by that name; ConfigError: options it does not take or lacks;
+        whatever its own check raises.
     """
     engine = ENGINES.resolve(spec)
     try:
@@ -115,6 +117,9 @@ def check_engine(spec: str, options: dict[str, Any], where: str) -> None:
         accepted = [p for p in list(inspect.signature(engine).parameters)[1:]]
         raise ConfigError(f"{where}.engine_options: {exc} for engine {spec!r} (it takes: "
                           f"{', '.join(accepted) or 'no options'})") from None
+    check = getattr(engine, "preflight", None)
+    if check is not None:
+        check(**options)
 
 
 def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig,
