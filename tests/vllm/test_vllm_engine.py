@@ -15,6 +15,7 @@ from vlreason.rollout import AgentLoop, GroundingAgent, HFEngine, SamplingParams
 
 pytest.importorskip("vllm")
 from vlreason.rollout.vllm import VLLMEngine  # noqa: E402
+from vlreason.rollout.vllm_backend import EngineError  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 PRESETS = ["tiny-qwen2.5-vl", "tiny-qwen3-vl"]
@@ -159,3 +160,9 @@ def test_after_an_update_the_engine_samples_from_the_trained_weights(lora):
     first = before.loss_mask[:, 0].bool()
     assert not torch.allclose(before.logprobs[first, 0], hf_logprobs(vlm, batch, before, 2, [1, 2])[first, 0],
                               atol=1e-3)  # the old weights' log-probs are not the trained model's
+
+
+def test_a_trajectory_longer_than_max_model_len_is_refused_with_the_keys_to_change(setup):
+    vlm, engine = setup
+    with pytest.raises(EngineError, match=r"more than vLLM's max_model_len 1024: raise rollout.engine_options"):
+        AgentLoop(vlm, engine).run(prompts(vlm), SamplingParams(temperature=0.0, max_new_tokens=1000))

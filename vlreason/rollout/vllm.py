@@ -39,6 +39,7 @@ from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, Prom
 from vlreason.rollout.vllm_backend import (
     Backend,
     Decoding,
+    EngineError,
     Request,
     identity,
     import_vllm,
@@ -77,6 +78,9 @@ class VLLMEngine:
         self.pending: torch.nn.Module | None = None
         self.sync_s = 0.0  # seconds the weight push before the last session took (0: none was due)
         if url is not None:
+            if sleep:
+                raise EngineError("rollout.engine_options.sleep is for the colocated engine; a rollout server "
+                                  "keeps its own memory (leave sleep out with url)")
             self.backend: Backend = RemoteVLLM(url, identity(vlm.model.config), timeout_s)
             self.pending = vlm.model  # the server starts from its own weights: push the trainer's
             return

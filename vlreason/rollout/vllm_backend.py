@@ -209,6 +209,7 @@ class LocalVLLM:
             raise EngineError("vLLM's sleep mode needs a GPU; set rollout.engine_options.sleep to false on CPU")
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and tensor_parallel_size == 1
         self.folder = folder
+        self.max_model_len = max_model_len
         self.sleeping = False
         self.sleep_enabled = sleep
         self.llm = vllm.LLM(model=str(folder), runner="generate", dtype=dtype, max_model_len=max_model_len,
@@ -221,6 +222,11 @@ class LocalVLLM:
     def generate(self, requests: Sequence[Request], decoding: Decoding) -> list[Generated]:
         from vllm import SamplingParams as VLLMSamplingParams
 
+        longest = max(len(r.ids) + r.max_tokens for r in requests)
+        if longest > self.max_model_len:
+            raise EngineError(f"a trajectory would reach {longest} tokens (context and the turn's budget), more than "
+                              f"vLLM's max_model_len {self.max_model_len}: raise rollout.engine_options."
+                              "max_model_len, or lower data.max_tokens / agent.max_tokens / rollout.max_new_tokens")
         prompts = [{"prompt_token_ids": collapse_placeholders(r.ids, self.pad_id),
                     "multi_modal_data": {"image": list(r.images)}} if r.images else
                    {"prompt_token_ids": list(r.ids)} for r in requests]

@@ -167,7 +167,8 @@ class GRPOTrainer:
                                        num_training_steps=stage.optim.max_steps)
         rollout, algorithm = stage.rollout, stage.algorithm
         scorer = RewardScorer(inputs.rewards, algorithm.on_reward_error, timeout_s=algorithm.reward_timeout_s)
-        loop = stage_loop(self.vlm, stage, inputs.agent)
+        with self.update.gathered():  # an engine with its own copy (vLLM) starts from the whole weights
+            loop = stage_loop(self.vlm, stage, inputs.agent)
         self.engine = loop.engine
         self.sampler = GroupSampler(
             self.vlm, loop, scorer,
