@@ -13,6 +13,7 @@ dumps and final models; the others compute and wait for it where it writes alone
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -154,7 +155,20 @@ def ensure_process_group() -> None:
     if not dist.is_initialized():
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(name, value)
-        dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1)
+        _start_group(store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _start_group(**options: Any) -> None:
+    """Join the process group, and leave it when the interpreter exits: a gloo group still alive
+    then can take its process down with "terminate called without an active exception" (SIGABRT)
+    after the run has finished."""
+    dist.init_process_group(_backend(), **options)
+    atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _backend() -> str:
@@ -169,7 +183,7 @@ def _join() -> Processes:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # "cuda" and "auto" then mean this rank's GPU
     if not dist.is_initialized():
-        dist.init_process_group(_backend(), timeout=GROUP_TIMEOUT)
+        _start_group(timeout=GROUP_TIMEOUT)
     if rank != 0:
         logging.getLogger("vlreason").setLevel(logging.WARNING)  # one copy of the progress lines
     logger.info("process group: %d processes (%s)", world_size, dist.get_backend())
