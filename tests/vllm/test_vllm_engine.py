@@ -166,3 +166,12 @@ def test_a_trajectory_longer_than_max_model_len_is_refused_with_the_keys_to_chan
     vlm, engine = setup
     with pytest.raises(EngineError, match=r"more than vLLM's max_model_len 1024: raise rollout.engine_options"):
         AgentLoop(vlm, engine).run(prompts(vlm), SamplingParams(temperature=0.0, max_new_tokens=1000))
+
+
+def test_cpu_only_options_are_refused_before_vllm_starts(tmp_path):
+    from vlreason.rollout.vllm_backend import LocalVLLM
+
+    with pytest.raises(EngineError, match="sleep mode needs a GPU"):
+        LocalVLLM(tmp_path, sleep=True)
+    with pytest.raises(EngineError, match="tensor parallelism needs GPUs"):
+        LocalVLLM(tmp_path, tensor_parallel_size=2)

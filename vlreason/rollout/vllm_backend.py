@@ -207,6 +207,8 @@ class LocalVLLM:
         self.on_cpu = current_platform.is_cpu()
         if sleep and self.on_cpu:
             raise EngineError("vLLM's sleep mode needs a GPU; set rollout.engine_options.sleep to false on CPU")
+        if tensor_parallel_size > 1 and self.on_cpu:  # the CPU head repack after a reload runs in-process only
+            raise EngineError("tensor parallelism needs GPUs here; use --tensor-parallel-size 1 on CPU")
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and tensor_parallel_size == 1
         self.folder = folder
         self.max_model_len = max_model_len
