@@ -142,21 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools = commands.add_parser("tools", help="list the tools a model can call").add_subparsers(metavar="ACTION")
     tools.add_parser("list", help="list available tools").set_defaults(run=run_tools_list)
 
-    server = commands.add_parser("rollout-server", help="serve vLLM rollouts and weight updates to trainers "
-                                 "(rollout.engine: vllm, engine_options.url)")
-    server.add_argument("model", help="hub id, local checkpoint or tiny preset (the trainer's model)")
-    server.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
-    server.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    server.add_argument("--max-model-len", type=int, default=4096, help="longest context, in tokens")
-    server.add_argument("--max-images", type=int, default=8, help="images one trajectory may hold")
-    server.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    server.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache on CPU, in GiB")
-    server.add_argument("--min-pixels", type=int, help="the trainer's model.min_pixels, if it sets one")
-    server.add_argument("--max-pixels", type=int, help="the trainer's model.max_pixels, if it sets one")
-    server.add_argument("--seed", type=int, default=0, help="initialisation seed of a tiny preset")
-    server.set_defaults(run=run_rollout_server)
+    _add_rollout_server(commands)
     return parser
 
 
@@ -277,6 +263,25 @@ def run_rewards_list(args: argparse.Namespace) -> int:
     print(_format_table(("reward", "needs columns", "what it scores"), rows))
     print("\nOther rewards are named 'package.module:attr' or 'path/to/file.py:attr' (see rewards/README.md).")
     return 0
+
+
+def _add_rollout_server(commands: argparse._SubParsersAction) -> None:
+    """The ``rollout-server`` command's arguments."""
+    server = commands.add_parser("rollout-server", help="serve vLLM rollouts and weight updates to trainers "
+                                 "(rollout.engine: vllm, engine_options.url)")
+    server.add_argument("model", help="hub id, local checkpoint or tiny preset (the trainer's model)")
+    server.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over")
+    server.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    server.add_argument("--max-model-len", type=int, default=4096, help="longest context, in tokens")
+    server.add_argument("--max-images", type=int, default=8, help="images one trajectory may hold")
+    server.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    server.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache on CPU, in GiB")
+    server.add_argument("--min-pixels", type=int, help="the trainer's model.min_pixels, if it sets one")
+    server.add_argument("--max-pixels", type=int, help="the trainer's model.max_pixels, if it sets one")
+    server.add_argument("--seed", type=int, default=0, help="initialisation seed of a tiny preset")
+    server.set_defaults(run=run_rollout_server)
 
 
 def run_rollout_server(args: argparse.Namespace) -> int:
