@@ -84,8 +84,8 @@ def classification_batch(n: int, rng: random.Random) -> tuple[list[str], dict]:
 
 CASES = {
     "iou": ("iou", {}, grounding_batch),
-    "multi_box_iou": ("multi_box_iou", {"confidence_weight": 1.0}, detection_batch),
-    "multi_box_iou_hungarian": ("multi_box_iou", {"matching": "hungarian"}, detection_batch),
+    "multi_box_iou": ("multi_box_iou", {"confidence_weight": 1.0, "match_labels": True}, detection_batch),
+    "multi_box_iou_hungarian": ("multi_box_iou", {"matching": "hungarian", "match_labels": True}, detection_batch),
     "classification": ("classification", {}, classification_batch),
 }
 

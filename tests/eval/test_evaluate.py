@@ -78,10 +78,10 @@ def test_detection_map_is_cocoeval_over_the_whole_data_set() -> None:
     # the per-sample mean the report used to give is a different number on this set
     columns = parsed_columns(texts, [[SIZE]] * len(texts))
     columns |= {"boxes": [s.boxes for s in samples], "labels": [s.labels for s in samples]}
-    per_sample = RewardScorer({"ap": get_reward("detection_map")})(texts, columns).column("ap")
+    per_sample = RewardScorer({"ap": get_reward("detection_map", match_labels=True)})(texts, columns).column("ap")
     assert abs(float(np.mean(per_sample)) - report.metrics["map"]) > 0.1
     # box_f1 stays the mean of the per-sample multi_box_iou reward
-    box_f1 = RewardScorer({"f1": get_reward("multi_box_iou")})(texts, columns).column("f1")
+    box_f1 = RewardScorer({"f1": get_reward("multi_box_iou", match_labels=True)})(texts, columns).column("f1")
     assert report.metrics["box_f1"] == pytest.approx(float(np.mean(box_f1)))
 
 

@@ -260,7 +260,7 @@ def test_multi_box_label_matching() -> None:
     truth, labels = [[0, 0, 10, 10], [20, 20, 30, 30]], ["cat", "dog"]
     # p1 sits on the cat but says "Dog": no match; p2 says " dog " on the dog: case/space-insensitive match
     preds = [box(0, 0, 10, 10, label="Dog"), box(20, 20, 30, 30, label=" dog ")]
-    assert score_boxes(get_reward("multi_box_iou"), preds, truth, labels) == pytest.approx(0.5)  # 1 / 2
+    assert score_boxes(get_reward("multi_box_iou", match_labels=True), preds, truth, labels) == pytest.approx(0.5)
     assert score_boxes(get_reward("multi_box_iou", match_labels=False), preds, truth, labels) == pytest.approx(1.0)
     # without a labels column nothing is compared
     assert score_boxes(get_reward("multi_box_iou"), preds, truth) == pytest.approx(1.0)
@@ -270,7 +270,7 @@ def test_multi_box_label_matching() -> None:
 
 def test_multi_box_missing_predicted_label_does_not_match() -> None:
     truth = [[0, 0, 10, 10]]
-    assert score_boxes(get_reward("multi_box_iou"), [box(0, 0, 10, 10)], truth, ["cat"]) == 0.0
+    assert score_boxes(get_reward("multi_box_iou", match_labels=True), [box(0, 0, 10, 10)], truth, ["cat"]) == 0.0
     assert score_boxes(get_reward("multi_box_iou", match_labels=False), [box(0, 0, 10, 10)], truth,
                        ["cat"]) == pytest.approx(1.0)
 

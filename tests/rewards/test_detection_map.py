@@ -196,7 +196,7 @@ def test_detection_map_labels() -> None:
     cat = PredBox((0.0, 0.0, 10.0, 10.0), "cat", 0.9)
     dog_elsewhere = PredBox((50.0, 50.0, 60.0, 60.0), "dog", 0.95)
     dog_on_cat = PredBox((0.0, 0.0, 10.0, 10.0), "dog", 0.9)
-    ap50 = get_reward("detection_map", metric="ap50")
+    ap50 = get_reward("detection_map", metric="ap50", match_labels=True)
     # a false alarm of a class absent from the sample does not lower COCO AP (documented)
     assert reward_score(ap50, [cat, dog_elsewhere], truth, labels) == pytest.approx(1.0)
     # without labels the dog is a higher-ranked false alarm: 0.5 (see the confidence-order case)
@@ -221,6 +221,6 @@ def test_detection_map_on_a_parsed_completion() -> None:
     completion = ('<think>two cats</think><answer>[{"bbox_2d": [0, 0, 10, 10], "label": "cat", "confidence": 0.9},'
                   ' {"bbox_2d": [20, 20, 30, 30], "label": "cat", "confidence": 0.7}]</answer>')
     columns = parsed_columns([completion], [[(100, 100)]])
-    reward = get_reward("detection_map", metric="ap50")
+    reward = get_reward("detection_map", metric="ap50", match_labels=True)
     assert reward([completion], boxes=[[[0, 0, 10, 10], [20, 20, 30, 30]]], labels=[["cat", "cat"]],
                   **columns) == [pytest.approx(1.0)]

@@ -174,7 +174,7 @@ def test_fenced_detection_answer_scores_full_map() -> None:
     text = f"<think>two animals</think><answer>Sure!\n```json\n{CAT_DOG}\n```\nDone.</answer>"
     columns = parsed_columns([text], [[(100, 100)]])
     columns |= {"boxes": [[[10, 20, 30, 40], [50, 60, 70, 80]]], "labels": [["cat", "dog"]]}
-    table = RewardScorer({"map": get_reward("detection_map")})([text], columns)
+    table = RewardScorer({"map": get_reward("detection_map", match_labels=True)})([text], columns)
     assert table.column("map").tolist() == pytest.approx([1.0])
 
 
@@ -447,10 +447,11 @@ BUILTINS = {
     "format_pattern": get_reward("format", pattern=r"<answer>\d+</answer>"),
     "iou": get_reward("iou"),
     "iou_050": get_reward("iou", threshold=0.5),
-    "multi_box_iou": get_reward("multi_box_iou"),
-    "multi_box_hungarian": get_reward("multi_box_iou", matching="hungarian", confidence_weight=1.0),
-    "detection_map": get_reward("detection_map"),
-    "detection_ap50": get_reward("detection_map", metric="ap50"),
+    "multi_box_iou": get_reward("multi_box_iou", match_labels=True),
+    "multi_box_hungarian": get_reward("multi_box_iou", matching="hungarian", confidence_weight=1.0,
+                                      match_labels=False, duplicates="keep"),
+    "detection_map": get_reward("detection_map", match_labels=True),
+    "detection_ap50": get_reward("detection_map", metric="ap50", match_labels=False),
     "classification": get_reward("classification", synonyms={"cat": ["kitty"]}),
     "classification_contains": get_reward("classification", match="contains"),
     "numeric": get_reward("numeric"),

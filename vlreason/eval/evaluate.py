@@ -52,7 +52,7 @@ def task_metrics(samples: Sequence[Sample]) -> dict[str, tuple[str, dict[str, An
     Detection data also gets the data-set metrics of ``detection_metrics``."""
     metrics: dict[str, tuple[str, dict[str, Any]]] = {"format_rate": ("format", {})}
     if is_detection(samples):
-        metrics["box_f1"] = ("multi_box_iou", {})
+        metrics["box_f1"] = ("multi_box_iou", {"match_labels": any(s.labels for s in samples)})
     elif any(s.boxes for s in samples):
         metrics["mean_iou"] = ("iou", {})
         metrics["iou@0.5"] = ("iou", {"threshold": 0.5})

@@ -88,10 +88,11 @@ def required_columns(reward: Any) -> tuple[str, ...]:
 
 
 def check_columns(rewards: dict[str, Any], columns: Iterable[str], source: str) -> None:
-    """Fail at start-up when a reward needs a column the data does not have.
+    """Fail at start-up when a reward needs a column the data does not have, or cannot score
+    the data as configured (``Reward.data_problem``).
 
     Raises:
-        ValueError: naming every reward and missing column.
+        ValueError: naming every reward and its problem.
     """
     available = set(columns)
     missing = {name: [c for c in required_columns(fn) if c not in available] for name, fn in rewards.items()}
@@ -99,6 +100,10 @@ def check_columns(rewards: dict[str, Any], columns: Iterable[str], source: str) 
     if lines:
         raise ValueError(f"{source} lacks columns that rewards need (it has: {', '.join(sorted(available))}):\n"
                          + "\n".join(lines) + "\nAdd the fields to the data or choose rewards that fit it.")
+    problems = {name: fn.data_problem(available) for name, fn in rewards.items() if isinstance(fn, Reward)}
+    lines = [f"  reward {name!r}: {problem}" for name, problem in problems.items() if problem]
+    if lines:
+        raise ValueError(f"rewards cannot score {source} as configured:\n" + "\n".join(lines))
 
 
 class Reward:
@@ -132,3 +137,8 @@ class Reward:
 
     def score(self, *values: Any) -> Score:
         raise NotImplementedError
+
+    def data_problem(self, columns: set[str]) -> str | None:
+        """Why this reward, as configured, cannot score data with these columns (the option to
+        set), or None. Checked at start-up, before any compute."""
+        return None

@@ -16,7 +16,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from vlreason.choices import Choice
+from vlreason.rewards.answers import class_name
 from vlreason.rewards.api import Reward, Score, register_reward
+from vlreason.rewards.grounding import labels_problem, labels_to_match
 from vlreason.rewards.parsing import PredBox
 from vlreason.vision.boxes import Box
 
@@ -62,7 +64,7 @@ def coco_map(
 def _label(label: str | None, use_labels: bool) -> str:
     if not use_labels or label is None:
         return UNLABELLED
-    return " ".join(label.split()).casefold()
+    return class_name(label)
 
 
 def _annotation(box: Box, category_id: int, image_id: int, score: float | None) -> dict:
@@ -104,7 +106,9 @@ class DetectionMAPReward(Reward):
 
     Args:
         metric: ``ap`` (AP@[.5:.95], default), ``ap50`` or ``ap75``.
-        match_labels: use ``labels`` as categories when the data has them.
+        match_labels: for data with ``labels``, required: true (labels are categories; a
+            prediction without a label matches nothing, logged once) or false (boxes alone,
+            one category). Data without labels needs no setting.
 
     A sample with no ground-truth boxes scores 1 without predictions and 0 with any; None for
     samples without a ``boxes`` field. As COCO defines AP per category, false alarms of a class
@@ -115,15 +119,18 @@ class DetectionMAPReward(Reward):
     inputs = ("pred_boxes", "boxes", "labels")
     optional = ("labels",)
 
-    def __init__(self, metric: MapMetric | str = MapMetric.AP, match_labels: bool = True):
+    def __init__(self, metric: MapMetric | str = MapMetric.AP, match_labels: bool | None = None):
         super().__init__()
         self.metric = MapMetric(metric)
         self.match_labels = match_labels
+
+    def data_problem(self, columns: set[str]) -> str | None:
+        return labels_problem(self.match_labels, columns)
 
     def score(self, pred_boxes: list[PredBox], boxes: list[Box] | None, labels: list[str] | None) -> Score:
         if boxes is None:
             return None
         if not boxes:
             return 0.0 if pred_boxes else 1.0
-        use = [labels] if self.match_labels and labels is not None else None
-        return coco_map([pred_boxes], [boxes], use)[self.metric.value]
+        gt_labels = labels_to_match("detection_map", self.match_labels, labels, pred_boxes)
+        return coco_map([pred_boxes], [boxes], None if gt_labels is None else [gt_labels])[self.metric.value]
