@@ -17,6 +17,7 @@ from vlreason.rollout.scripted import ScriptedEngine
 from vlreason.training import TrainingStopped
 from vlreason.training import grpo as grpo_module
 from vlreason.training.grpo import GRPOTrainer
+from vlreason.training.metrics import read_metrics
 
 GOOD = "<think>found it</think><answer>[0, 0, 56, 56]</answer>"
 BAD = "no answer"
@@ -176,6 +177,19 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_checkpoint(tmp_path, 
     with pytest.raises(TrainingStopped, match=r"the disk is full: writing .*checkpoint-1\.tmp failed .*--resume"):
         grpo.save_checkpoint()
     assert not list((tmp_path / "grpo").glob("checkpoint-*"))
+
+
+def test_a_step_is_logged_before_its_checkpoint_so_a_kill_between_loses_no_line(tmp_path, data, monkeypatch):
+    grpo = trainer(tmp_path, data, [GOOD, BAD], save={"every": 1})
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for a kill while the checkpoint is written
+
+    monkeypatch.setattr(grpo, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl")] == [1]
+    assert not list((tmp_path / "grpo").glob("checkpoint-*"))  # a resume runs step 1 again and rewrites its line
 
 
 def test_the_reward_timeout_reaches_the_scorer(tmp_path, data):

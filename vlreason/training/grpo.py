@@ -223,12 +223,18 @@ class GRPOTrainer:
         self.train_seconds += time.perf_counter() - started
         peak_mb = self.processes.max([peak_memory_mb(next(self.model.parameters()).device)])[0]  # the fullest rank
         self.step_count += 1
+        if metrics is not None:
+            values["time/step"] = time.perf_counter() - started
+            values["memory/peak_mb"] = peak_mb
+            self._log_step(metrics, bar, values)
+        # after the step's log line: a kill between the two runs the step again from the previous
+        # checkpoint (its line is then rewritten); the other order would lose the line for good
         if self.stage.save.every and self.step_count % self.stage.save.every == 0:
             self.save_checkpoint()
-        if metrics is None:
-            return
-        values["time/step"] = time.perf_counter() - started
-        values["memory/peak_mb"] = peak_mb
+
+    def _log_step(self, metrics: MetricsLog, bar: tqdm, values: dict[str, Any]) -> None:
+        """Write the step's metrics (every ``log_every`` steps), warn on cut-off completions and
+        advance the progress bar."""
         if self.step_count % self.stage.logging.log_every == 0:
             metrics.write(self.step_count, values)
         self._warn_if_cut_off(values)
