@@ -29,10 +29,19 @@ from vlreason.data.synth import TASKS, synthesize
 from vlreason.registry import PluginError
 from vlreason.rollout.vllm_backend import EngineError
 from vlreason.training import RankFailed, TrainingStopped
+from vlreason.training.distributed import end_launched_process
 from vlreason.training.interrupt import TrainingInterrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; its exit code. A process of a multi-process run ends here instead
+    (``end_launched_process``)."""
+    code = _run_command(argv)
+    end_launched_process(code)
+    return code
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

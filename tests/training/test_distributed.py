@@ -4,6 +4,9 @@ and the DeepSpeed config checks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -76,3 +79,29 @@ def test_vlreason_owns_precision_clipping_and_micro_batches_in_the_deepspeed_con
     assert config["zero_optimization"] == {"stage": 2} and "train_batch_size" not in config
     assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
     assert config["train_micro_batch_size_per_gpu"] == 3 and config["gradient_accumulation_steps"] == 1
+
+
+ENDING = '''
+import atexit, logging, os, sys
+import torch.distributed as dist
+from vlreason.training.distributed import end_launched_process
+
+os.environ.update(RANK="0", WORLD_SIZE=sys.argv[1], MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+atexit.register(lambda: print("interpreter teardown ran"))
+logging.basicConfig(level=logging.INFO)
+logging.getLogger("run").info("logged before the end")
+print("printed before the end", end="")
+end_launched_process(3)
+print(" / end_launched_process returned")
+'''
+
+
+def test_a_launched_process_ends_with_its_code_its_output_flushed_and_no_teardown():
+    ended = subprocess.run([sys.executable, "-c", ENDING, "2"], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 3
+    assert ended.stdout == "printed before the end" and "logged before the end" in ended.stderr
+    # one process (or main() called in-process): it returns and the interpreter ends as usual
+    single = subprocess.run([sys.executable, "-c", ENDING, "1"], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0
+    assert single.stdout == "printed before the end / end_launched_process returned\ninterpreter teardown ran\n"

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -169,6 +171,28 @@ def _start_group(**options: Any) -> None:
 def _leave_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_launched_process(code: int) -> None:
+    """End this process now with ``code`` when a launcher started it as one of several; return
+    otherwise (a single process, or code calling ``vlreason.cli.main`` in-process).
+
+    The process leaves the process group while the interpreter is whole (after a garbage
+    collection, so the last references DeepSpeed and the model hold to gloo work are gone),
+    flushes the logs and the standard streams, and exits without the interpreter's teardown:
+    gloo threads still holding work during that teardown can abort a process whose run has
+    finished ("terminate called without an active exception", SIGABRT), and the launcher then
+    reports the complete run as failed. Nothing is left to write by then: checkpoints, metrics,
+    models and the folder lock are closed or released with the process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_initialized():
+        return
+    gc.collect()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _backend() -> str:
