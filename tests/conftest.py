@@ -1,5 +1,10 @@
-"""Tests marked ``gpu`` need CUDA: without it they are skipped, so the default run stays CPU-only."""
+"""Tests marked ``gpu`` need CUDA: without it they are skipped, so the default run stays CPU-only.
+Fixtures shared across folders: ``make_video``."""
 
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -11,3 +16,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def make_video():
+    """``make_video(path, codec="libx264", frames=30, size=(64, 48), fps=10, pts=None, options=None)``
+    writes a real video with PyAV (skipped without it): frame i is a flat grey of level
+    ``(i * 8) % 256`` with a white marker at the top left; ``pts`` (in 1/1000 s) makes the frame
+    rate variable; ``options`` go to the muxer (``{"movflags": "faststart"}``)."""
+    pytest.importorskip("av")
+    return _write_video
+
+
+def _write_video(path: Path, codec: str = "libx264", frames: int = 30, size: tuple[int, int] = (64, 48),
+                 fps: int = 10, pts: list[int] | None = None, options: dict | None = None) -> Path:
+    import av
+
+    width, height = size
+    with av.open(str(path), "w", options=options or {}) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if pts is not None:
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i in range(frames):
+            image = np.full((height, width, 3), (i * 8) % 256, np.uint8)
+            image[:4, :8] = 255  # a marker in the top-left corner shows the orientation
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], stream.time_base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

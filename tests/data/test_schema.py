@@ -8,9 +8,6 @@ import pytest
 from vlreason.data import check_jsonl, read_jsonl
 from vlreason.data.schema import MEDIA_FIELD_ALIASES
 
-MP4_HEADER = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00" + bytes(64)
-
-
 # ----------------------------------------------------------------------------- media and chat fields
 
 
@@ -110,9 +107,9 @@ def test_image_parts_with_ordinary_text_stay_valid(make_png, write_jsonl):
 # ----------------------------------------------------------------------------- videos
 
 
-def test_sample_with_a_video_is_valid_and_listed(tmp_path, make_png, write_jsonl):
+def test_sample_with_a_video_is_valid_and_listed(tmp_path, make_png, write_jsonl, make_video):
     (tmp_path / "clips").mkdir()
-    (tmp_path / "clips" / "a.mp4").write_bytes(MP4_HEADER)
+    make_video(tmp_path / "clips" / "a.mp4")
     make_png("a.png")
     path = write_jsonl([{"prompt": "still"}, {"videos": ["clips/a.mp4"], "prompt": "What happens?"},
                         {"images": ["a.png"], "prompt": "q"}])
@@ -121,6 +118,17 @@ def test_sample_with_a_video_is_valid_and_listed(tmp_path, make_png, write_jsonl
     assert data.samples[1].messages[0]["content"][0] == {"type": "video"}
     assert data.video_sources == [f"{path}:2"]
     assert check_jsonl(path) == (3, [])
+
+
+def test_checking_decodes_the_frames_a_video_gives(tmp_path, write_jsonl, make_video):
+    whole = make_video(tmp_path / "whole.mp4", frames=60, options={"movflags": "faststart"})
+    (tmp_path / "cut.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])  # a valid header
+    path = write_jsonl([{"videos": ["whole.mp4"], "prompt": "q"}, {"videos": ["cut.mp4"], "prompt": "q"}])
+    assert len(read_jsonl(path).samples) == 2  # reading for training only checks that the files exist
+    valid, problems = check_jsonl(path)
+    assert valid == 1
+    assert [(p.line, p.field) for p in problems] == [(2, "videos[0]")]
+    assert "cut.mp4: frames" in problems[0].message and "truncated or damaged" in problems[0].message
 
 
 def test_reading_checks_that_videos_exist_and_checking_sniffs_the_container(tmp_path, write_jsonl):

@@ -17,7 +17,7 @@ from pathlib import Path
 from vlreason.choices import Choice
 from vlreason.data.schema import GROUND_TRUTH_FIELDS, Sample, SizeReader, VideoCheck, parse_sample
 from vlreason.vision.images import load_image, read_image_size
-from vlreason.vision.video import video_container_problem, video_file_problem
+from vlreason.vision.video import video_decode_problem, video_file_problem
 
 logger = logging.getLogger(__name__)
 MAX_LOGGED_SKIPS = 10
@@ -98,13 +98,14 @@ def read_jsonl(path: str | Path, on_bad_sample: OnBadSample | str = OnBadSample.
 
 
 def check_jsonl(path: str | Path) -> tuple[int, list[DataProblem]]:
-    """Validate every line, fully decode every image and check every video's container.
+    """Validate every line, fully decode every image and decode the frames each video gives
+    (``video_decode_problem``; its container alone without a decoder installed).
 
     Returns:
         The number of valid samples and the list of all problems found (a file without any
         sample has neither; report it with ``NO_SAMPLES``).
     """
-    samples, problems = _scan(Path(path), lambda image: load_image(image).size, video_container_problem)
+    samples, problems = _scan(Path(path), lambda image: load_image(image).size, video_decode_problem)
     return len(samples), problems
 
 
