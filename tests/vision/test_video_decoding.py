@@ -19,6 +19,7 @@ from vlreason.vision.video import FrameSampling, VideoError, probe_video, read_v
 from vlreason.vision.video_backends import VideoInfo  # noqa: E402
 
 STEP = 8  # the grey level per frame number that the make_video fixture writes
+BACKENDS = video_backends.available()
 
 
 def grey(frame: np.ndarray) -> int:
@@ -44,9 +45,11 @@ def rotate_mp4(path: Path, out: Path) -> Path:
     ("mpeg4", ".avi", (80, 60)),
     ("mjpeg", ".mov", (33, 17)),  # odd sizes
 ])
-def test_codecs_and_containers_give_the_requested_frames(tmp_path, codec, suffix, size, make_video):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codecs_and_containers_give_the_requested_frames(tmp_path, codec, suffix, size, backend, make_video):
     path = make_video(tmp_path / f"clip{suffix}", codec, size=size)
-    clip = read_video(path, FrameSampling(indices=(0, 3, 17, 29)))
+    clip = read_video(path, FrameSampling(indices=(0, 3, 17, 29)), backend=backend)
+    assert clip.info.backend == backend
     assert clip.frames.shape == (4, size[1], size[0], 3) and clip.frames.dtype == np.uint8
     assert [grey(f) for f in clip.frames] == [0, 3, 17, 29]
     assert clip.timestamps == pytest.approx([0.0, 0.3, 1.7, 2.9], abs=1e-6)
@@ -63,6 +66,27 @@ def test_every_backend_decodes_the_same_frames_by_seeking(tmp_path, backend, mak
         reader.close()
     assert [grey(f) % 32 for f in frames] == [2, 5, 31, 0, 26, 23]  # grey wraps every 32 frames
     assert times == pytest.approx([0.2, 0.5, 3.1, 3.2, 9.0, 11.9], abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_can_be_scaled_while_decoding(tmp_path, backend, make_video):
+    path = make_video(tmp_path / "clip.mp4", size=(96, 64))
+    asked = []
+
+    def fit(size, frames):
+        asked.append((size, frames))
+        return (48, 32)
+
+    clip = read_video(path, FrameSampling(indices=(4, 20)), backend=backend, fit=fit)
+    assert asked == [((96, 64), 2)]
+    assert clip.frames.shape == (2, 32, 48, 3) and [grey(f) for f in clip.frames] == [4, 20]
+
+
+def test_a_rotated_clip_is_fitted_in_its_shown_orientation(tmp_path, make_video):
+    path = rotate_mp4(make_video(tmp_path / "plain.mp4", size=(96, 64)), tmp_path / "rotated.mp4")
+    asked = []
+    clip = read_video(path, FrameSampling(indices=(0,)), fit=lambda size, frames: asked.append(size) or (32, 48))
+    assert asked == [(64, 96)] and clip.frames.shape == (1, 48, 32, 3)
 
 
 def test_sampling_by_rate_follows_the_qwen_vl_utils_frame_count():
@@ -102,13 +126,23 @@ def test_rotation_metadata_turns_the_frames(tmp_path, make_video):
     assert clip.frames[0, :8, -4:].mean() > 200 and clip.frames[0, :8, :4].mean() < 50
 
 
-def test_variable_frame_rate_keeps_each_frame_time(tmp_path, make_video):
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "opencv"])  # OpenCV seeks by time
+def test_variable_frame_rate_keeps_each_frame_and_its_time(tmp_path, backend, make_video):
     times_ms = [0, 100, 150, 400, 420, 1000, 1100, 1900, 1950, 2000]
     path = make_video(tmp_path / "vfr.mkv", frames=10, pts=times_ms)
-    clip = read_video(path, FrameSampling(indices=tuple(range(10))))
-    assert [grey(f) for f in clip.frames] == list(range(10))
-    if clip.info.backend != "opencv":  # OpenCV reports frame number / average rate
-        assert clip.timestamps == pytest.approx([t / 1000 for t in times_ms], abs=2e-3)
+    clip = read_video(path, FrameSampling(indices=(0, 2, 3, 4, 8, 9)), backend=backend)
+    assert [grey(f) for f in clip.frames] == [0, 2, 3, 4, 8, 9]
+    assert clip.timestamps == pytest.approx([times_ms[i] / 1000 for i in clip.indices], abs=2e-3)
+
+
+def test_an_uninstalled_decoder_is_named(tmp_path, make_video, monkeypatch):
+    path = make_video(tmp_path / "clip.mp4")
+    monkeypatch.setattr(video_backends, "available", lambda: ["opencv"])
+    with pytest.raises(VideoError, match=r"the video decoder 'pyav' is not installed \(installed: opencv\)"):
+        read_video(path, backend="pyav")
+    monkeypatch.setattr(video_backends, "available", lambda: [])
+    with pytest.raises(VideoError, match=r"no video decoder is installed: pip install 'vlreason\[video\]'"):
+        read_video(path)
 
 
 def test_requests_past_the_end_are_refused_with_the_length(tmp_path, make_video):

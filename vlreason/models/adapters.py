@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with th
 TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
                 "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
                 "<args-json-object>}\n</tool_call>")
+_PLACEHOLDERS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _TEXT_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
 
@@ -59,6 +60,22 @@ class BoxConvention(Choice):
 
     RELATIVE_1000 = "relative_1000"  # integers 0..1000 relative to the image (Qwen2-VL, Qwen3-VL)
     INPUT_PIXELS = "input_pixels"  # absolute pixels of the resized model input (Qwen2.5-VL)
+
+
+class VideoTime(Choice):
+    """How a family tells the model when each video frame was shown."""
+
+    ORDER = "order"  # Qwen2-VL: frame order alone (one temporal position per temporal patch)
+    GRID_SECONDS = "grid_seconds"  # Qwen2.5-VL: seconds per temporal patch (second_per_grid_ts) scale positions
+    TEXT = "text"  # Qwen3-VL: "<t seconds>" written before each temporal patch's tokens
+
+
+@dataclass(frozen=True)
+class VideoPrompt:
+    """What a video's placeholder expands to: its grid and the times of its sampled frames."""
+
+    grid_thw: tuple[int, int, int]
+    timestamps: tuple[float, ...]  # seconds, one per sampled frame (before temporal padding)
 
 
 class ChatStyle(Choice):
@@ -78,6 +95,8 @@ class FamilyAdapter:
     merge_size: int
     box_convention: BoxConvention
     chat_style: ChatStyle
+    video_time: VideoTime
+    temporal_patch_size: int = 2
     lora_target_modules: str = LANGUAGE_MODEL_LORA_TARGETS
 
     @property
@@ -162,6 +181,57 @@ class FamilyAdapter:
         """
         turns = _qwen2_turns if self.chat_style is ChatStyle.QWEN2 else _qwen3_turns
         return "\n" + turns(messages, 0) + "<|im_start|>assistant\n"
+
+    def expand_vision(self, text: str, image_tokens: Iterator[int], videos: Iterator[VideoPrompt]) -> str:
+        """``text`` with each image and video placeholder (in order of appearance) replaced by
+        the tokens the vision tower fills: ``image_tokens`` gives each image's token count,
+        ``videos`` each video's grid and frame times (see ``video_text``).
+
+        Raises:
+            ValueError: ``text`` has more placeholders than images or videos were given.
+        """
+
+        def expand(match: re.Match[str]) -> str:
+            if match.group(0) == IMAGE_PLACEHOLDER:
+                count = next(image_tokens, None)
+                if count is None:
+                    raise ValueError("the text has more image placeholders than images were given")
+                return "<|vision_start|>" + "<|image_pad|>" * count + "<|vision_end|>"
+            video = next(videos, None)
+            if video is None:
+                raise ValueError("the text has more video placeholders than videos were given")
+            return self.video_text(video)
+
+        return _PLACEHOLDERS.sub(expand, text)
+
+    def video_text(self, video: VideoPrompt) -> str:
+        """The tokens of one video, as the family's reference processor writes them.
+
+        Qwen2-VL and Qwen2.5-VL: ``<|vision_start|>``, one ``<|video_pad|>`` per merged patch of
+        every temporal patch, ``<|vision_end|>``. Qwen3-VL: per temporal patch,
+        ``<t seconds><|vision_start|>`` + its pads + ``<|vision_end|>``, t being the mean time of
+        the patch's first and last frame to one decimal (the last frame repeated to fill the last
+        patch). That is the original Qwen3-VL processor's layout (transformers 4.57, qwen-vl-utils);
+        transformers 5.x keeps the template's own ``<|vision_start|>``/``<|vision_end|>`` around
+        it as well.
+        """
+        t, h, w = video.grid_thw
+        per_patch = "<|video_pad|>" * (h * w // self.merge_size ** 2)
+        if self.video_time is not VideoTime.TEXT:
+            return "<|vision_start|>" + per_patch * t + "<|vision_end|>"
+        times = list(video.timestamps) or [0.0]
+        times += times[-1:] * (-len(times) % self.temporal_patch_size)
+        step = self.temporal_patch_size
+        return "".join(f"<{(times[i] + times[i + step - 1]) / 2:.1f} seconds><|vision_start|>{per_patch}<|vision_end|>"
+                       for i in range(0, step * t, step))
+
+    def seconds_per_grid(self, video: VideoPrompt, sample_fps: float) -> float | None:
+        """Qwen2.5-VL's ``second_per_grid_ts`` of a video sampled at ``sample_fps`` frames per
+        second (temporal patch size / sampling rate, as its processor computes it); None for the
+        other families."""
+        if self.video_time is not VideoTime.GRID_SECONDS:
+            return None
+        return self.temporal_patch_size / sample_fps
 
     # ---- token-level facts ------------------------------------------------------------------
 
@@ -263,9 +333,10 @@ def _qwen3_turns(messages: Sequence[Message], first_index: int) -> str:
     return "".join(out)
 
 
-QWEN2_VL = FamilyAdapter("qwen2-vl", "qwen2_vl", 14, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN2)
-QWEN2_5_VL = FamilyAdapter("qwen2.5-vl", "qwen2_5_vl", 14, 2, BoxConvention.INPUT_PIXELS, ChatStyle.QWEN2)
-QWEN3_VL = FamilyAdapter("qwen3-vl", "qwen3_vl", 16, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN3)
+QWEN2_VL = FamilyAdapter("qwen2-vl", "qwen2_vl", 14, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN2, VideoTime.ORDER)
+QWEN2_5_VL = FamilyAdapter("qwen2.5-vl", "qwen2_5_vl", 14, 2, BoxConvention.INPUT_PIXELS, ChatStyle.QWEN2,
+                           VideoTime.GRID_SECONDS)
+QWEN3_VL = FamilyAdapter("qwen3-vl", "qwen3_vl", 16, 2, BoxConvention.RELATIVE_1000, ChatStyle.QWEN3, VideoTime.TEXT)
 ADAPTERS = {adapter.model_type: adapter for adapter in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
 
 

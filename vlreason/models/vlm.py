@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import (
@@ -30,12 +31,15 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlreason.data.schema import Message, map_assistant_text
-from vlreason.models.adapters import ChatStyle, FamilyAdapter, adapter_for
+from vlreason.models.adapters import ChatStyle, FamilyAdapter, VideoPrompt, adapter_for
 from vlreason.models.tiny import TINY_PRESETS, TinySpec, tiny_config, tiny_tokenizer
 from vlreason.vision.boxes import Box, Size
 from vlreason.vision.images import ImageInfo, ResizePolicy, fit_image
+from vlreason.vision.video import Clip
+from vlreason.vision.video_patches import VideoPatches, VideoPatching, patch_video
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VIDEO_MAX_TOKENS = 768  # tokens per video frame at most by default (the Qwen video processors' bound)
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -66,6 +70,7 @@ class VLM:
     processor: Any
     adapter: FamilyAdapter
     resize: ResizePolicy
+    video: VideoPatching  # geometry and pixel budget of video frames
 
     @property
     def tokenizer(self) -> Any:
@@ -83,28 +88,34 @@ class VLM:
         add_generation_prompt: bool = True,
         convert_boxes: bool = False,
         tools: Sequence[dict[str, Any]] | None = None,
+        videos: Sequence[Sequence[Clip]] | None = None,
     ) -> tuple[BatchFeature, list[list[ImageInfo]]]:
-        """Render and tokenize a batch of conversations with their images (left-padded).
+        """Render and tokenize a batch of conversations with their images and videos (left-padded).
 
         Args:
-            conversations: B conversations; each image part consumes the next image of its row.
+            conversations: B conversations; each image part consumes the next image of its row,
+                each video part the next video.
             images: B lists of RGB images in original resolution.
             convert_boxes: rewrite ``[x1, y1, x2, y2]`` boxes in assistant messages from original
                 pixels of the row's first image (the data convention) into the family's own (SFT targets).
             tools: tool schemas (``Tool.schema()``) rendered into the system prompt.
+            videos: B lists of decoded clips (``vision.video.read_video``), or None.
 
         Returns:
             The model inputs (``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` ``[B, L]``,
-            ``pixel_values`` ``[P, D]``, ``image_grid_thw`` ``[I, 3]``) and each row's ``ImageInfo``s.
+            ``pixel_values`` ``[P, D]`` and ``image_grid_thw`` ``[I, 3]`` with images; with videos
+            ``pixel_values_videos`` ``[Q, D]``, ``video_grid_thw`` ``[V, 3]`` and, for Qwen2.5-VL,
+            ``second_per_grid_ts`` ``[V]``) and each row's ``ImageInfo``s.
         """
         fitted = [self.prepare_images(row) for row in images]
         inputs = self.encode_resized(conversations, [row for row, _ in fitted], [infos for _, infos in fitted],
-                                     add_generation_prompt, convert_boxes, tools)
+                                     add_generation_prompt, convert_boxes, tools, videos)
         return inputs, [infos for _, infos in fitted]
 
     def encode_resized(self, conversations: Sequence[Sequence[Message]], resized: Sequence[Sequence[Image.Image]],
                        infos: Sequence[Sequence[ImageInfo]], add_generation_prompt: bool = True,
-                       convert_boxes: bool = False, tools: Sequence[dict[str, Any]] | None = None) -> BatchFeature:
+                       convert_boxes: bool = False, tools: Sequence[dict[str, Any]] | None = None,
+                       videos: Sequence[Sequence[Clip]] | None = None) -> BatchFeature:
         """``encode`` for images already fitted to the model (``prepare_images``: the resized
         images and their ``ImageInfo``s); returns the model inputs."""
         if convert_boxes:
@@ -113,11 +124,8 @@ class VLM:
                 if row else conv for conv, row in zip(conversations, infos, strict=True)
             ]
         texts = self.render(conversations, add_generation_prompt, tools)
-        flat = [image for row in resized for image in row]
-        inputs = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
-                                return_tensors="pt")
-        inputs["mm_token_type_ids"] = self.adapter.mm_token_type_ids(inputs["input_ids"], self.tokenizer)
-        return inputs
+        clips = [clip for row in videos or [] for clip in row]
+        return self.model_inputs(texts, [image for row in resized for image in row], clips)
 
     def encode_observation(self, text: str, images: Sequence[Image.Image]
                            ) -> tuple[list[int], dict[str, torch.Tensor], list[Image.Image]]:
@@ -135,9 +143,49 @@ class VLM:
             images) and the images resized to the model's input size.
         """
         resized, _ = self.prepare_images(images)
-        encoded = self.processor(text=[text], images=resized or None, return_tensors="pt")
+        encoded = self.model_inputs([text], resized)
         pixels = {key: encoded[key] for key in ("pixel_values", "image_grid_thw") if key in encoded}
         return encoded["input_ids"][0].tolist(), pixels, resized
+
+    def model_inputs(self, texts: Sequence[str], images: Sequence[Image.Image],
+                     clips: Sequence[Clip] = ()) -> BatchFeature:
+        """Rendered ``texts`` tokenized (left-padded) with each image and video placeholder, in
+        order, expanded to the tokens of the next image (already fitted to the model) or clip.
+
+        Raises:
+            ValueError: the texts' placeholders and the images or clips given differ in number.
+        """
+        data: dict[str, Any] = {}
+        image_tokens: list[int] = []
+        if images:
+            pixels = self.processor.image_processor(images=list(images), return_tensors="pt")
+            data |= {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+            image_tokens = (pixels["image_grid_thw"].prod(dim=-1) // self.adapter.merge_size ** 2).tolist()
+        patches = [patch_video(clip.frames, self.video) for clip in clips]
+        prompts = [VideoPrompt(p.grid_thw, tuple(c.timestamps)) for p, c in zip(patches, clips, strict=True)]
+        if patches:
+            data |= self._video_tensors(patches, prompts, clips)
+        image_iter, video_iter = iter(image_tokens), iter(prompts)
+        expanded = [self.adapter.expand_vision(text, image_iter, video_iter) for text in texts]
+        if next(image_iter, None) is not None or next(video_iter, None) is not None:
+            raise ValueError(f"{len(image_tokens)} image(s) and {len(prompts)} video(s) given for fewer placeholders "
+                             "in the text")
+        encoded = self.tokenizer(expanded, padding=True, padding_side="left", return_tensors="pt")
+        data |= {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                 "mm_token_type_ids": self.adapter.mm_token_type_ids(encoded["input_ids"], self.tokenizer)}
+        return BatchFeature(data)
+
+    def _video_tensors(self, patches: Sequence[VideoPatches], prompts: Sequence[VideoPrompt],
+                       clips: Sequence[Clip]) -> dict[str, torch.Tensor]:
+        """``pixel_values_videos`` ``[Q, D]``, ``video_grid_thw`` ``[V, 3]`` and, for Qwen2.5-VL,
+        ``second_per_grid_ts`` ``[V]``."""
+        tensors = {"pixel_values_videos": torch.from_numpy(np.concatenate([p.pixel_values for p in patches])),
+                   "video_grid_thw": torch.tensor([p.grid_thw for p in patches], dtype=torch.long)}
+        seconds = [self.adapter.seconds_per_grid(prompt, clip.sample_fps) for prompt, clip in zip(prompts, clips,
+                                                                                                  strict=True)]
+        if seconds and seconds[0] is not None:
+            tensors["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+        return tensors
 
     def render(self, conversations: Sequence[Sequence[Message]], add_generation_prompt: bool = True,
                tools: Sequence[dict[str, Any]] | None = None) -> list[str]:
@@ -280,8 +328,12 @@ def _assemble(model: PreTrainedModel, adapter: FamilyAdapter, image_processor: A
     if image_processor.patch_size * image_processor.merge_size != adapter.factor:
         raise ValueError(f"the image processor's patch geometry ({image_processor.patch_size}x"
                          f"{image_processor.merge_size}) does not match {adapter.name}'s")
+    video = VideoPatching(patch_size=adapter.patch_size, merge_size=adapter.merge_size, min_pixels=resize.min_pixels,
+                          max_pixels=min(resize.max_pixels, VIDEO_MAX_TOKENS * adapter.factor**2),
+                          temporal_patch_size=image_processor.temporal_patch_size,
+                          mean=tuple(image_processor.image_mean), std=tuple(image_processor.image_std))
     return VLM(model=model, processor=build_processor(adapter, image_processor, tokenizer),
-               adapter=adapter, resize=resize)
+               adapter=adapter, resize=resize, video=video)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

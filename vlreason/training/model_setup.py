@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -88,7 +89,7 @@ def save_final(vlm: VLM, path: str | Path) -> Path:
         model = model.merge_and_unload()  # a plain model that load_vlm and transformers read
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_vlm(VLM(model=model, processor=vlm.processor, adapter=vlm.adapter, resize=vlm.resize), tmp)
+        save_vlm(dataclasses.replace(vlm, model=model), tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     except OSError as exc:

@@ -5,19 +5,22 @@ empty, a known container's signature) and needs no decoder. ``read_video`` decod
 sample uses: sampled by frame rate within frame-count bounds (the qwen-vl-utils rule), or
 explicit frame indices or timestamps, optionally within a time range; only those frames are
 decoded (see ``video_backends``), rotated as the container says, each with its presentation
-time. Decoders are tried in order: decord, OpenCV, PyAV (``pip install 'vlreason[video]'``).
+time. Decoders are tried in ``video_backends.BACKEND_ORDER``: PyAV, decord, OpenCV (``pip install
+'vlreason[video]'``).
 Every problem with a file is a ``VideoError`` naming the file and what to do.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlreason.vision import video_backends
+from vlreason.vision.boxes import Size
 from vlreason.vision.video_backends import BackendError, NoVideoStream, VideoInfo
 
 SNIFF_BYTES = 200  # enough for every signature below (an M2TS second sync byte sits at 196)
@@ -128,6 +131,12 @@ class Clip:
     timestamps: list[float]
     info: VideoInfo
 
+    @property
+    def sample_fps(self) -> float:
+        """Frames taken per second of the span they cover (first to last frame inclusive): for
+        frames sampled over a whole clip, qwen-vl-utils' ``video_sample_fps``."""
+        return len(self.indices) * self.info.fps / (self.indices[-1] - self.indices[0] + 1)
+
 
 def sample_indices(info: VideoInfo, sampling: FrameSampling, source: str = "video") -> list[int]:
     """The frame numbers ``sampling`` asks for, sorted and unique.
@@ -179,29 +188,39 @@ def _range_frames(info: VideoInfo, sampling: FrameSampling, source: str) -> tupl
     return start, stop
 
 
-def probe_video(path: str | Path) -> VideoInfo:
-    """The stream facts of a video file, from the first decoder that opens it.
+def probe_video(path: str | Path, backend: str | None = None) -> VideoInfo:
+    """The stream facts of a video file, from the first decoder that opens it (or ``backend``).
 
     Raises:
         VideoError: missing, empty, no video stream, or no decoder can open it.
     """
-    reader = _open(str(path))
+    reader = _open(str(path), backend)
     reader.close()
     return reader.info
 
 
-def read_video(path: str | Path, sampling: FrameSampling = FrameSampling()) -> Clip:
+def read_video(path: str | Path, sampling: FrameSampling = FrameSampling(), backend: str | None = None,
+               fit: Callable[[Size, int], Size] | None = None) -> Clip:
     """Decode the frames ``sampling`` asks for (and only those) from a video file.
+
+    Args:
+        backend: ``pyav``, ``decord`` or ``opencv``; None tries them in ``BACKEND_ORDER``.
+        fit: the ``(width, height)`` to give the frames, from the video's shown size and the
+            number of frames taken (``VideoPatching.frame_size``); the decoder scales them
+            (bicubic) as it converts them. None keeps the video's own size.
 
     Raises:
         VideoError: missing, empty, audio-only, truncated or undecodable files, and requests
             past the end, each naming the file.
     """
     path = str(path)
-    reader = _open(path)
+    reader = _open(path, backend)
     try:
         indices = sample_indices(reader.info, sampling, path)
-        frames, timestamps = reader.read(indices)
+        size = fit(reader.info.shown_size, len(indices)) if fit else None
+        if size is not None and reader.info.rotation in (90, 270):
+            size = (size[1], size[0])  # frames are scaled before they are turned
+        frames, timestamps = reader.read(indices, size)
     except BackendError as exc:
         raise VideoError(f"{path}: frames {indices[0]}-{indices[-1]} could not be decoded by {reader.info.backend} "
                          f"({exc}); the file may be truncated or damaged: {REENCODE}") from exc
@@ -223,16 +242,20 @@ def video_decode_problem(path: str | Path, sampling: FrameSampling = FrameSampli
     return None
 
 
-def _open(path: str) -> video_backends.Reader:
-    """A reader from the first backend that opens ``path``, with its rotation filled in.
-    decord is skipped for rotated videos (it mishandles display rotation)."""
+def _open(path: str, backend: str | None) -> video_backends.Reader:
+    """A reader from the first backend that opens ``path`` (only ``backend`` when given), with
+    its rotation filled in. decord is skipped for rotated videos (it mishandles display rotation)."""
     problem = video_file_problem(path)
     if problem:
         raise VideoError(problem)
-    backends = video_backends.available()
+    installed = video_backends.available()
+    if backend is not None and backend not in installed:
+        raise VideoError(f"{path}: the video decoder {backend!r} is not installed (installed: "
+                         f"{', '.join(installed) or 'none'}); pip install 'vlreason[video]'")
+    backends = [backend] if backend else installed
     if not backends:
         raise VideoError(f"{path}: no video decoder is installed: pip install 'vlreason[video]' "
-                         "(decord, OpenCV and PyAV)")
+                         "(PyAV, decord and OpenCV)")
     rotation = video_backends.rotation_of(path)
     failures = []
     for backend in backends:

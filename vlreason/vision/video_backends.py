@@ -1,4 +1,4 @@
-"""Video decoders behind one small interface: decord, OpenCV and PyAV.
+"""Video decoders behind one small interface: PyAV, decord and OpenCV.
 
 Each backend opens a file into a ``Reader``: the stream's facts (``VideoInfo``) and
 ``read(indices)``, which decodes only the requested frames (sorted, unique) by seeking to the
@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
+
+from vlreason.vision.boxes import Size
 
 # a gap between two wanted frames up to this many frames is decoded through, not seeked over
 # (a seek lands on the key frame before the target and decodes forward anyway)
 SEEK_GAP = 8
+RESIZE_THREADS = 2  # frames resized at once
 
 
 class BackendError(RuntimeError):
@@ -59,19 +63,26 @@ class VideoInfo:
 class Reader(Protocol):
     info: VideoInfo
 
-    def read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
+    def read(self, indices: Sequence[int], size: Size | None = None) -> tuple[np.ndarray, list[float]]:
         """Frames ``indices`` (sorted, unique, within ``frame_count``) as ``[T, H, W, 3]`` uint8
-        RGB, and each frame's presentation time in seconds."""
+        RGB in stored orientation, scaled (bicubic) to ``size`` ``(width, height)`` when given,
+        and each frame's presentation time in seconds."""
         ...
 
     def close(self) -> None:
         ...
 
 
+# The order backends are tried in. Measured here (benchmarks/video_decoding.py: 16 frames spread
+# over a 5-minute 720p H.264 clip), PyAV seeks and decodes fastest and numbers frames exactly under
+# variable frame rate; decord is as exact but slower on long clips; OpenCV seeks by time, so under
+# variable frame rate its frame numbers and times are approximate.
+BACKEND_ORDER = {"pyav": "av", "decord": "decord", "opencv": "cv2"}
+
+
 def available() -> list[str]:
-    """The installed backends, in the order they are tried: decord, opencv, pyav."""
-    modules = {"decord": "decord", "opencv": "cv2", "pyav": "av"}
-    return [name for name, module in modules.items() if importlib.util.find_spec(module) is not None]
+    """The installed backends, in ``BACKEND_ORDER``."""
+    return [name for name, module in BACKEND_ORDER.items() if importlib.util.find_spec(module) is not None]
 
 
 def open_reader(backend: str, path: str) -> Reader:
@@ -124,7 +135,7 @@ class _Decord:
             raise BackendError(_first_line(exc)) from exc
         self.info = VideoInfo(len(self.video), float(self.video.get_avg_fps()), first[1], first[0], 0, "decord")
 
-    def read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
+    def read(self, indices: Sequence[int], size: Size | None = None) -> tuple[np.ndarray, list[float]]:
         import decord
 
         try:
@@ -132,7 +143,7 @@ class _Decord:
             times = self.video.get_frame_timestamp(list(indices))[:, 0]
         except (decord.DECORDError, RuntimeError, IndexError) as exc:
             raise BackendError(_first_line(exc)) from exc
-        return frames, [float(t) for t in times]
+        return scaled(frames, size), [float(t) for t in times]
 
     def close(self) -> None:
         del self.video
@@ -158,7 +169,7 @@ class _OpenCV:
         self.info = VideoInfo(count, fps, width, height, 0, "opencv")
         self.position = 0
 
-    def read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
+    def read(self, indices: Sequence[int], size: Size | None = None) -> tuple[np.ndarray, list[float]]:
         frames = []
         for index in indices:
             if not 0 <= index - self.position <= SEEK_GAP:
@@ -167,7 +178,7 @@ class _OpenCV:
             while self.position < index:
                 self._next(grab_only=True)
             frames.append(self.cv2.cvtColor(self._next(grab_only=False), self.cv2.COLOR_BGR2RGB))
-        return np.stack(frames), [index / self.info.fps for index in indices]
+        return scaled(np.stack(frames), size), [index / self.info.fps for index in indices]
 
     def _next(self, grab_only: bool) -> Any:
         ok = self.capture.grab()
@@ -184,7 +195,10 @@ class _OpenCV:
 
 
 class _PyAV:
-    """PyAV (FFmpeg): seeks to the key frame before each wanted time, decodes forward to it."""
+    """PyAV (FFmpeg). Opening reads the stream's packets without decoding them (a fraction of a
+    second for a long clip), so frame ``i`` is the packet with the i-th smallest presentation time:
+    exact under variable frame rate. Reading seeks to the key frame before each wanted frame and
+    decodes forward to it."""
 
     def __init__(self, path: str):
         import av
@@ -198,56 +212,71 @@ class _PyAV:
             self.container.close()
             raise NoVideoStream("PyAV found no video stream")
         self.stream = self.container.streams.video[0]
-        rate = self.stream.average_rate or self.stream.guessed_rate
-        if not rate:
-            self.container.close()
-            raise BackendError("PyAV found no frame rate")
-        self.rate = Fraction(rate)
-        count = self.stream.frames or self._count_packets()
-        self.info = VideoInfo(count, float(self.rate), self.stream.width, self.stream.height, 0, "pyav")
-
-    def _count_packets(self) -> int:
-        """Frames of a stream whose header does not say (WebM, say): its packets, read without
-        decoding."""
-        count = sum(1 for packet in self.container.demux(self.stream) if packet.size)
-        self.container.seek(0)
-        return count
-
-    def read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
         try:
-            return self._read(indices)
+            self.pts = sorted(packet.pts for packet in self.container.demux(self.stream)
+                              if packet.size and packet.pts is not None)
+        except av.error.FFmpegError as exc:
+            self.container.close()
+            raise BackendError(str(exc)) from exc
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        problem = _stream_problem(len(self.pts), self.stream.frames, rate)
+        if problem:
+            self.container.close()
+            raise BackendError(problem)
+        self.info = VideoInfo(len(self.pts), float(rate), self.stream.width, self.stream.height, 0, "pyav")
+
+    def read(self, indices: Sequence[int], size: Size | None = None) -> tuple[np.ndarray, list[float]]:
+        try:
+            return self._read(indices, size)
         except self.av.error.FFmpegError as exc:
             raise BackendError(str(exc)) from exc
 
-    def _read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
+    def _read(self, indices: Sequence[int], size: Size | None) -> tuple[np.ndarray, list[float]]:
+        """Decode forward from key frames; FFmpeg converts each frame to RGB and scales it in one
+        pass (cheaper than converting at full size and resizing after)."""
+        scale = {"width": size[0], "height": size[1], "interpolation": "BICUBIC"} if size else {}
         frames, times = [], []
-        decoded = iter(())
-        current = None
+        decoded: Any = iter(())
+        last = None  # the frame number decoded last
         for index in indices:
-            if current is None or not 0 < index - current <= SEEK_GAP:
-                decoded = self._seek(index)
+            target = self.pts[index]
+            if last is None or not 0 < index - last <= SEEK_GAP:
+                self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+                decoded = self.container.decode(self.stream)
             for frame in decoded:
-                current = self._index(frame)
-                if current >= index:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                if frame.pts is not None and frame.pts >= target:
+                    frames.append(frame.to_ndarray(format="rgb24", **scale))
                     times.append(float(frame.time))
+                    last = index
                     break
             else:
                 raise BackendError(f"frame {index} could not be decoded (the stream ends early)")
         return np.stack(frames), times
 
-    def _seek(self, index: int) -> Any:
-        time_base = self.stream.time_base
-        self.container.seek(int(Fraction(index) / self.rate / time_base) + (self.stream.start_time or 0),
-                            stream=self.stream, backward=True, any_frame=False)
-        return self.container.decode(self.stream)
-
-    def _index(self, frame: Any) -> int:
-        start = self.stream.start_time or 0
-        return round((frame.pts - start) * self.stream.time_base * self.rate)
-
     def close(self) -> None:
         self.container.close()
+
+
+def scaled(frames: np.ndarray, size: Size | None) -> np.ndarray:
+    """``[T, H, W, 3]`` frames resized (bicubic, as images are) to ``size`` ``(width, height)``;
+    as they are without a size or at that size already."""
+    if size is None or (frames.shape[2], frames.shape[1]) == tuple(size):
+        return frames
+    with ThreadPoolExecutor(RESIZE_THREADS) as pool:  # Pillow lets go of the GIL while it resamples
+        return np.stack(list(pool.map(lambda frame: np.asarray(Image.fromarray(frame).resize(
+            tuple(size), Image.Resampling.BICUBIC)), frames)))
+
+
+def _stream_problem(found: int, listed: int, rate: Any) -> str | None:
+    """What is wrong with a stream of ``found`` frames whose header lists ``listed`` (0: not
+    said) at frame rate ``rate``, or None."""
+    if not found:
+        return "PyAV found no frames"
+    if not rate:
+        return "PyAV found no frame rate"
+    if found < listed:
+        return f"the container lists {listed} frames but the file holds {found}: it is truncated"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
