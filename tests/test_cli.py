@@ -56,6 +56,15 @@ def test_synth_then_check(tmp_path, capsys):
     assert f"{path}: 12 valid sample(s), 0 problem(s) on 0 line(s)" in out
 
 
+def test_synth_video_then_check_decodes_the_clips(tmp_path, capsys):
+    pytest.importorskip("av")
+    code, out, _ = run(capsys, "data", "synth", "video_qa", "--out", str(tmp_path), "--n", "3", "--image-size", "48")
+    assert code == 0 and f"wrote 3 video_qa samples to {tmp_path / 'video_qa.jsonl'}" in out
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 3
+    code, out, _ = run(capsys, "data", "check", str(tmp_path / "video_qa.jsonl"))
+    assert code == 0 and "3 valid sample(s), 0 problem(s)" in out
+
+
 def test_synth_unknown_task_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["data", "synth", "segmentation", "--out", str(tmp_path)])

@@ -124,13 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", metavar="FILE.jsonl")
     check.set_defaults(run=run_data_check)
     synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
-    synth.add_argument("task", choices=sorted([*TASKS, "zoom"]),
-                       help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces)")
+    synth.add_argument("task", choices=sorted([*TASKS, "zoom", "video_qa"]),
+                       help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces); "
+                            "video_qa writes video_qa.jsonl with MP4 clips (needs PyAV)")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int,
-                       help="square image side in pixels (default 112; zoom: 1024, the canvas)")
+                       help="square image side in pixels (default 112; zoom: 1024, the canvas; video_qa: 64)")
     synth.add_argument("--max-pixels", type=_positive_int,
                        help="zoom: the pixel budget (Qwen3-VL's 32 px merged patches) the tool-trace crops are "
                             "written for: the config's model.max_pixels (default: the tiny models' 65536)")
@@ -251,6 +252,12 @@ def run_data_synth(args: argparse.Namespace) -> int:
         resize = ResizePolicy(factor=32, min_pixels=4 * 32**2, max_pixels=args.max_pixels or 64 * 32**2)
         paths = synthesize_zoom(args.out, n=args.n, seed=args.seed, canvas=args.image_size or 1024, resize=resize)
         print(f"wrote {args.n} zoom samples to {paths[0]} and, as crop-tool traces, to {paths[1]}")
+        return 0
+    if args.task == "video_qa":
+        from vlreason.data.video_qa import synthesize_video_qa
+
+        path = synthesize_video_qa(args.out, n=args.n, seed=args.seed, size=args.image_size or 64)
+        print(f"wrote {args.n} video_qa samples to {path}")
         return 0
     path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size or 112)
     print(f"wrote {args.n} {args.task} samples to {path}")
