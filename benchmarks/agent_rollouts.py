@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from vlreason.config import load_config
+from vlreason.data.batch import Media
 from vlreason.data.zoom import synthesize_zoom
 from vlreason.models.prefix import SharedPrefix
 from vlreason.models.vlm import build_tiny_vlm
@@ -133,13 +134,13 @@ def main() -> None:
         lines = [json.loads(line) for line in data.read_text().splitlines()]
         vlm = build_tiny_vlm("tiny-qwen3-vl", max_pixels=MAX_PIXELS)
         vlm.model.eval()
-        images = [[Image.open(data.parent / line["images"][0]).convert("RGB")] for line in lines]
+        media = [Media([Image.open(data.parent / line["images"][0]).convert("RGB")]) for line in lines]
         question = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": line["prompt"]}]}]
                     for line in lines]
         agent = ToolAgent([get_tool("crop")])
         with torch.no_grad():
-            single = rollout(vlm, encode_prompts(vlm, question, images), None, [THINK + ANSWER], args.repeats)
-            multi = rollout(vlm, encode_prompts(vlm, question, images, agent.schemas()), agent,
+            single = rollout(vlm, encode_prompts(vlm, question, media), None, [THINK + ANSWER], args.repeats)
+            multi = rollout(vlm, encode_prompts(vlm, question, media, agent.schemas()), agent,
                             [THINK + CALL, ANSWER], args.repeats)
         step = grpo_steps(root, data, args.steps)
     result = {"single_turn": single, "multi_turn": multi,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from vlreason.data.batch import Media
 from vlreason.models.tiny import TinySpec
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.rollout import AgentLoop, HFEngine, SamplingParams, encode_prompts
@@ -83,7 +84,7 @@ def main() -> None:
     torch.manual_seed(0)
     vlm = build_tiny_vlm("tiny-qwen2.5-vl", spec=SPEC, seed=0)
     vlm.model.eval()
-    prompts = encode_prompts(vlm, [QUESTION] * PROMPTS, [[scene(i)] for i in range(PROMPTS)])
+    prompts = encode_prompts(vlm, [QUESTION] * PROMPTS, [Media([scene(i)]) for i in range(PROMPTS)])
     started = time.perf_counter()
     engine = VLLMEngine(vlm, max_model_len=2048)
     start_s = time.perf_counter() - started

@@ -50,6 +50,7 @@ from vlreason.choices import Choice
 from vlreason.data.jsonl import OnBadSample
 from vlreason.rewards.scoring import OnRewardError
 from vlreason.rl import AdvantageScale, ImportanceLevel, LossAggregation
+from vlreason.vision.video import FrameSampling
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,30 @@ class DataConfig:
     # conversation (SFT); longer samples are a data problem (on_bad_sample decides: stop or skip)
     max_tokens: int | None = 8192
     thought_dropout: float = 0.0  # SFT (TON): replace the <think> block with an empty one at this rate
+
+
+@dataclass
+class VideoConfig:
+    """How a sample's videos become model inputs (training and evaluation)."""
+
+    fps: float = 2.0  # frames taken per second of the clip, spread from its first frame to its last
+    min_frames: int = 4  # at least this many (never more than the clip has); counts are rounded down to even
+    max_frames: int = 16
+    max_pixels: int | None = None  # per frame; default: the image maximum, at most 768 merged patches
+    total_pixels: int | None = None  # all frames of a clip together (qwen-vl-utils' budget); null: no total
+    backend: str | None = None  # pyav | decord | opencv; null: the first installed of those, in that order
+    shuffle_frames: bool = False  # a control run: each video's frames in a fixed random order (times kept)
+
+    def sampling(self) -> FrameSampling:
+        """The frames each video gives, as ``vision.video`` takes them.
+
+        Raises:
+            ConfigError: the frame counts or rate are out of range (naming the keys).
+        """
+        try:
+            return FrameSampling(fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames)
+        except ValueError as exc:
+            raise ConfigError(f"video: {exc} (keys video.fps, video.min_frames, video.max_frames)") from exc
 
 
 @dataclass
@@ -215,6 +240,7 @@ class StageConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     rewards: dict[str, RewardConfig] = field(default_factory=dict)
@@ -231,7 +257,7 @@ class PipelineConfig:
     seed: int = 0
 
 
-SECTIONS = ("model", "data", "rollout", "agent", "rewards", "algorithm", "optim", "logging", "save")
+SECTIONS = ("model", "data", "video", "rollout", "agent", "rewards", "algorithm", "optim", "logging", "save")
 TOP_LEVEL = ("seed", "output_dir", "stages", *SECTIONS)
 
 

@@ -93,3 +93,17 @@ def test_cut_off_junk_is_no_answer() -> None:
     assert report.metrics["accuracy"] == 0.5
     assert report.metrics["truncated_rate"] == 0.5
     assert report.predictions[0]["accuracy"] == 0.0
+
+
+def test_mixed_questions_are_scored_each_by_its_kind_and_per_question_type() -> None:
+    directions = ["left", "right", "up", "down"]
+    samples = [sample(0, answer="left", choices=directions), sample(1, answer="right", choices=directions),
+               sample(2, answer="3"), sample(3, answer="2")]
+    for s, kind in zip(samples, ["direction", "direction", "flashes", "flashes"], strict=True):
+        s.extra["qtype"] = kind
+    texts = ["<answer>left</answer>", "<answer>up</answer>", "<answer>3</answer>", "<answer>3</answer>"]
+    report = score_predictions("test.jsonl", samples, texts, [None] * 4, [False] * 4)
+    # choice over the two direction samples (1 of 2), numeric over the two counts (1 of 2)
+    assert report.metrics["choice_accuracy"] == 0.5 and report.metrics["accuracy"] == 0.5
+    assert report.metrics["choice_accuracy/direction"] == 0.5 and report.metrics["accuracy/flashes"] == 0.5
+    assert "accuracy/direction" not in report.metrics and "choice_accuracy/flashes" not in report.metrics

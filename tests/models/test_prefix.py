@@ -297,3 +297,36 @@ def test_token_entropy_uniform_and_peaked():
     # a higher temperature flattens the distribution
     logits = torch.randn(1, 1, vocab, generator=torch.Generator().manual_seed(0))
     assert token_entropy(logits, temperature=5.0) > token_entropy(logits, temperature=0.5)
+
+
+def video_prompts(vlm):
+    """Two prompts with videos of different lengths (the second also with an image), left-padded."""
+    from vlreason.vision.video import Clip
+    from vlreason.vision.video_backends import VideoInfo
+
+    def clip(frames: int, seed: int) -> Clip:
+        pixels = torch.Generator().manual_seed(seed)
+        array = torch.randint(0, 256, (frames, 56, 56, 3), generator=pixels, dtype=torch.uint8).numpy()
+        return Clip(array, list(range(frames)), [i / 4 for i in range(frames)], VideoInfo(frames, 4.0, 56, 56, 0, "t"))
+
+    video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}]
+    both = [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                         {"type": "text", "text": "what moves in this clip?"}]}]
+    inputs, _ = vlm.encode([video, both], [[], [gradient_image(64, 48)]], videos=[[clip(4, 1)], [clip(6, 2)]])
+    return inputs
+
+
+def test_prompts_with_videos_score_alike_through_the_cache_and_one_full_forward(vlm):
+    """Video prompts run once then completions fed (sampling and scoring) against the gradient-
+    checkpointing path's plain forward that repeats each prompt's videos for its rows."""
+    inputs = video_prompts(vlm)
+    ids, mask = completions(vlm, 2 * GROUP)
+    continuation = Continuation(ids, mask)
+    with torch.no_grad():
+        cached, _ = completion_logprobs(vlm.model, completion_hidden(vlm.model, inputs, continuation, GROUP), ids)
+        full, _ = completion_logprobs(vlm.model, full_hidden(vlm.model, inputs, continuation, GROUP, [0, 1]), ids)
+        plain = vlm.model(**{k: v for k, v in inputs.items()}).logits[:, -1]
+    on = mask.bool()
+    torch.testing.assert_close(cached[on], full[on], atol=1e-5, rtol=1e-5)
+    first = token_logprobs(plain[:, None], ids[::GROUP, :1])[:, 0]  # the first completion token of each prompt
+    torch.testing.assert_close(cached[::GROUP, 0], first, atol=1e-5, rtol=1e-5)

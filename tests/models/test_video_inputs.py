@@ -175,3 +175,15 @@ def _reference_processor(vlm):
     processor_cls, video_cls = kinds[adapter]
     return processor_cls(image_processor=vlm.processor.image_processor, tokenizer=vlm.tokenizer,
                          video_processor=video_cls(**common))
+
+
+def test_token_counts_know_a_videos_tokens_before_decoding_it(vlm, tmp_path, make_video):
+    from vlreason.vision.video import FrameSampling
+
+    path = str(make_video(tmp_path / "clip.mp4", frames=30, size=(96, 64)))
+    reader = vlm.use_video(FrameSampling(fps=4, max_frames=8), max_pixels=16 * vlm.adapter.factor ** 2)
+    conversation = ask_video()
+    predicted = vlm.token_counts([conversation], [[]], videos=[[vlm.video_prompt(path, reader)]])
+    inputs, _ = vlm.encode([conversation], [[]], videos=[[reader(path)]])
+    assert predicted == [inputs["input_ids"].shape[1]]
+    assert inputs["video_grid_thw"][0, 0] == 4  # 3 s at 4 fps = 12 frames, at most 8: 4 temporal patches

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from vlreason.data.batch import Media
 from vlreason.models.prefix import CompletionScorer
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.rl import LossAggregation, policy_loss
@@ -55,7 +56,7 @@ def vlm():
 
 
 def run(vlm, scripts, agent=None, n=1, **budgets):
-    prompts = encode_prompts(vlm, [QUESTION], [[scene()]], agent.schemas() if agent else None)
+    prompts = encode_prompts(vlm, [QUESTION], [Media([scene()])], agent.schemas() if agent else None)
     loop = AgentLoop(vlm, ScriptedEngine(vlm, scripts), agent, **budgets)
     return prompts, loop.run(prompts, SamplingParams(n=n, max_new_tokens=64))
 
@@ -206,7 +207,7 @@ def test_hf_multi_turn_sampling_logprobs_equal_the_training_forward(preset, devi
     one forward over the finished trajectories gives."""
     vlm = build_tiny_vlm(preset, seed=0)
     vlm.model.to(device).eval()
-    prompts = encode_prompts(vlm, [QUESTION, QUESTION], [[scene()], [scene().rotate(90, expand=True)]])
+    prompts = encode_prompts(vlm, [QUESTION, QUESTION], [Media([scene()]), Media([scene().rotate(90, expand=True)])])
     hook = EndsAt(vlm, {0: [2], 1: [5], 2: [3], 3: [1]})
     handle = vlm.model.lm_head.register_forward_hook(hook)
     try:

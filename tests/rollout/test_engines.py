@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlreason.data.batch import Media
 from vlreason.models import TINY_PRESETS
 from vlreason.models.adapters import QWEN2_VL, TEXT_SPECIAL_TOKENS, VISION_SPECIAL_TOKENS
 from vlreason.models.tiny import tiny_tokenizer
@@ -49,7 +50,7 @@ def sharpened_vlm(preset: str):
 def encode_two(vlm):
     """Two prompts of different lengths (the first is left-padded)."""
     images = [[Image.new("RGB", (64, 48), (200, 30, 30))], [Image.new("RGB", (90, 60), (0, 100, 0))]]
-    return encode_prompts(vlm, [ask("q"), ask("where is the green square?")], images)
+    return encode_prompts(vlm, [ask("q"), ask("where is the green square?")], [Media(row) for row in images])
 
 
 def generate(vlm, engine, prompts, params) -> Trajectories:

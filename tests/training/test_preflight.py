@@ -1,5 +1,5 @@
-"""What a stage checks before it trains: video samples, overlong samples, SFT responses, changed
-data on resume."""
+"""What a stage checks before it trains: video samples (decoder, engine, settings), overlong
+samples, SFT responses, changed data on resume."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from vlreason.cli import main
-from vlreason.config import load_config
+from vlreason.config import ConfigError, load_config
 from vlreason.data.jsonl import DataError
 from vlreason.data.synth import synthesize
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.training.preflight import fit_length, stage_inputs
-
-MP4_HEAD = b"\x00\x00\x00\x18ftypmp42" + bytes(16)
+from vlreason.vision import video_backends
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +35,22 @@ def with_lines(data: Path, folder: Path, *records: dict) -> Path:
     return path
 
 
-def test_video_samples_are_refused_at_start_up(data, tmp_path):
-    (data.parent / "clip.mp4").write_bytes(MP4_HEAD)
+def test_video_samples_need_a_decoder_and_the_hf_engine(data, tmp_path, monkeypatch, make_video):
+    make_video(data.parent / "clip.mp4")
     path = with_lines(data, tmp_path, {"videos": ["clip.mp4"], "prompt": "What happens?", "answer": "x"})
-    with pytest.raises(ValueError, match=r"stages\[grpo\]\.data\.train: .* 1 sample\(s\) with videos \(first: "
-                                         r".*:7\); the training and evaluation stages cannot read video yet"):
-        stage_inputs(stage(path))
-    with pytest.raises(ValueError, match=r"stages\[grpo\]\.data\.eval"):
+    assert [s.videos for s in stage_inputs(stage(path)).samples][-1] == [str(data.parent / "clip.mp4")]
+    vllm = load_config(None, raw={"output_dir": str(tmp_path / "runs"), "data": {"train": str(path)},
+                                  "rollout": {"engine": "vllm"}, "stages": [{"kind": "grpo", "rewards": {"iou": {}}}]})
+    with pytest.raises(ConfigError, match=r"stages\[grpo\]\.data\.train: 1 sample\(s\) have videos \(first: .*:7\); "
+                                          r"the rollout engine 'vllm' takes images only: set rollout.engine=hf"):
+        stage_inputs(vllm.stages[0])
+    monkeypatch.setattr(video_backends, "available", lambda: [])
+    with pytest.raises(ConfigError, match=r"stages\[grpo\]\.data\.eval: .* a video decoder is not installed "
+                                          r"\(installed: none\): pip install 'vlreason\[video\]'"):
         stage_inputs(stage(data, eval=str(path)))
+    with pytest.raises(ConfigError, match=r"video: need fps > 0 .* \(keys video.fps"):
+        stage_inputs(load_config(None, raw={"output_dir": str(tmp_path / "runs"), "data": {"train": str(path)},
+                                            "video": {"fps": 0}, "stages": [{"kind": "sft"}]}).stages[0])
 
 
 def test_a_prompt_longer_than_max_tokens_stops_or_is_skipped(data, tmp_path):
@@ -52,7 +59,8 @@ def test_a_prompt_longer_than_max_tokens_stops_or_is_skipped(data, tmp_path):
     path = with_lines(data, tmp_path, huge)
     vlm = build_tiny_vlm("tiny-qwen3-vl")
     strict = stage(path)
-    with pytest.raises(DataError, match=r":7: prompt: \d+ tokens \(images included\) exceed data.max_tokens=8192"):
+    with pytest.raises(DataError, match=r":7: prompt: \d+ tokens \(images and videos included\) exceed "
+                                        r"data.max_tokens=8192"):
         fit_length(vlm, stage_inputs(strict).samples, strict)
     lenient = stage(path, on_bad_sample="skip")
     kept = fit_length(vlm, stage_inputs(lenient).samples, lenient)

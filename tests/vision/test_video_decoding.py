@@ -197,3 +197,16 @@ def test_sampling_settings_are_checked():
         FrameSampling(indices=(1,), timestamps=(0.1,))
     with pytest.raises(ValueError, match="min_frames <= max_frames"):
         FrameSampling(min_frames=8, max_frames=4)
+
+
+def test_a_shuffling_reader_keeps_one_random_order_per_video(tmp_path, make_video):
+    from vlreason.vision.video import ClipReader
+
+    path = make_video(tmp_path / "clip.mp4", frames=16)
+    sampling = FrameSampling(indices=tuple(range(16)))
+    ordered = [grey(f) for f in ClipReader(sampling)(path).frames]
+    shuffled = [grey(f) for f in ClipReader(sampling, shuffle_seed=0)(path).frames]
+    assert ordered == list(range(16)) and sorted(shuffled) == ordered and shuffled != ordered
+    assert [grey(f) for f in ClipReader(sampling, shuffle_seed=0)(path).frames] == shuffled  # the same every time
+    assert [grey(f) for f in ClipReader(sampling, shuffle_seed=1)(path).frames] != shuffled
+    assert ClipReader(sampling, shuffle_seed=0)(path).timestamps == ClipReader(sampling)(path).timestamps

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlreason.data.batch import Media
 from vlreason.models.prefix import CompletionScorer
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.rollout import AgentLoop, GroundingAgent, HFEngine, SamplingParams, StopReason, encode_prompts
@@ -30,7 +31,8 @@ def scene(colour=(200, 30, 30), size=(200, 150)) -> Image.Image:
 
 
 def prompts(vlm):
-    return encode_prompts(vlm, [ONE, TWO], [[scene()], [scene((20, 200, 30), (120, 160)), scene((0, 0, 200))]])
+    return encode_prompts(vlm, [ONE, TWO],
+                          [Media([scene()]), Media([scene((20, 200, 30), (120, 160)), scene((0, 0, 200))])])
 
 
 def quick_to_stop(vlm, chance: float = 0.3) -> None:
@@ -104,7 +106,7 @@ def test_a_row_samples_the_same_tokens_however_the_draw_is_split(setup):
     vlm, engine = setup
     batch = prompts(vlm)
     whole = AgentLoop(vlm, engine).run(batch, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5))
-    second = encode_prompts(vlm, [TWO], [[scene((20, 200, 30), (120, 160)), scene((0, 0, 200))]])
+    second = encode_prompts(vlm, [TWO], [Media([scene((20, 200, 30), (120, 160)), scene((0, 0, 200))])])
     part = AgentLoop(vlm, engine).run(second, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=5,
                                                              first_row=2, total_rows=4))
     width = part.ids.shape[1]

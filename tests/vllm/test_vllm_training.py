@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from vlreason.cli import main
+from vlreason.data.batch import Media
 from vlreason.data.synth import synthesize
 from vlreason.models.vlm import build_tiny_vlm, load_vlm
 from vlreason.rollout import AgentLoop, HFEngine, SamplingParams, encode_prompts
@@ -37,7 +38,7 @@ def even_first(completions, completion_ids, **columns):
 def even_first_mass(model_dir, prompts) -> float:
     """Mean probability of an even first token over ``prompts`` (vision tokens ruled out)."""
     vlm = load_vlm(model_dir, device="cpu") if isinstance(model_dir, Path) else model_dir
-    batch = encode_prompts(vlm, [QUESTION] * len(prompts), [[image] for image in prompts])
+    batch = encode_prompts(vlm, [QUESTION] * len(prompts), [Media([image]) for image in prompts])
     with torch.no_grad():
         logits = vlm.model(**batch.inputs).logits[:, -1].float()
     logits[:, vlm.adapter.suppress_token_ids(vlm.tokenizer)] = -float("inf")
@@ -102,7 +103,7 @@ def server():
 def test_server_health_generate_weights_refusal_and_shutdown(server):
     url, process = server
     vlm = build_tiny_vlm("tiny-qwen2.5-vl", seed=7)  # other weights than the server started with
-    batch = encode_prompts(vlm, [QUESTION], [[Image.new("RGB", (120, 90), (200, 30, 30))]])
+    batch = encode_prompts(vlm, [QUESTION], [Media([Image.new("RGB", (120, 90), (200, 30, 30))])])
     engine = VLLMEngine(vlm, url=url, timeout_s=60)
     pushes = engine.backend.health()["weight_pushes"]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=16)

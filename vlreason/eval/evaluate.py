@@ -6,9 +6,10 @@ Which metrics apply is read from the columns: one box per sample -> ``mean_iou``
 ``iou@0.5``; several boxes or labels -> ``map`` / ``map50`` / ``map75`` (COCO AP computed once
 over the whole data set by pycocotools, labels as categories when the data has them; the
 mean of per-sample APs is a different number) and ``box_f1`` (mean
-``multi_box_iou``); ``choices`` -> ``choice_accuracy``; numeric ``answer`` -> ``accuracy``
-(exact match); ``label`` -> ``accuracy`` (class). ``format_rate`` (the
-``<think>..</think><answer>..</answer>`` template) is always reported.
+``multi_box_iou``); ``choices`` -> ``choice_accuracy``; a numeric ``answer`` without ``choices``
+-> ``accuracy`` (exact match, over those samples); ``label`` -> ``accuracy`` (class).
+``format_rate`` (the ``<think>..</think><answer>..</answer>`` template) is always reported. Data
+whose samples carry a ``qtype`` field also gets each metric per question type (``metric/<qtype>``).
 
 A completion cut off at ``max_new_tokens`` before it closed its ``</answer>`` has no answer.
 """
@@ -25,17 +26,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlreason.data.batch import load_sample_images
+from vlreason.data.batch import load_sample_media
 from vlreason.data.jsonl import read_jsonl
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM
 from vlreason.rewards.api import get_reward
 from vlreason.rewards.detection import coco_map
 from vlreason.rewards.parsing import PredBox
-from vlreason.rewards.scoring import OnRewardError, RewardScorer, reward_columns
+from vlreason.rewards.scoring import OnRewardError, RewardScorer, RewardTable, reward_columns
 from vlreason.rollout.agent import AgentLoop
 from vlreason.rollout.engine import SamplingParams, Trajectories, encode_prompts
 from vlreason.rollout.hf import HFEngine
+from vlreason.vision.video import ClipReader, FrameSampling
 
 
 @dataclass
@@ -58,8 +60,8 @@ def task_metrics(samples: Sequence[Sample]) -> dict[str, tuple[str, dict[str, An
         metrics["iou@0.5"] = ("iou", {"threshold": 0.5})
     if any(s.choices for s in samples):
         metrics["choice_accuracy"] = ("choice", {})
-    elif any(s.answer is not None for s in samples) and all(_is_number(s.answer) for s in samples if s.answer):
-        metrics["accuracy"] = ("numeric", {})
+    if any(s.answer is not None and not s.choices and _is_number(s.answer) for s in samples):
+        metrics["accuracy"] = ("numeric", {})  # over the samples with a numeric answer (None elsewhere)
     if any(s.label is not None for s in samples):
         metrics["accuracy"] = ("classification", {})
     return metrics
@@ -82,25 +84,29 @@ def detection_metrics(samples: Sequence[Sample], pred_boxes: Sequence[Sequence[P
 
 @torch.no_grad()
 def evaluate(vlm: VLM, data_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
-             limit: int | None = None, progress: bool = True, loop: AgentLoop | None = None) -> EvalReport:
+             limit: int | None = None, progress: bool = True, loop: AgentLoop | None = None,
+             read_clip: ClipReader | None = None) -> EvalReport:
     """Greedy answers for the samples of ``data_path`` and the task's metrics (see module docstring).
 
     ``loop``: how to roll out (engine, agent and budgets); default: the HF engine, one turn. With
     an agent the report adds ``tool_call_rate`` (samples with a tool call), ``invalid_call_rate``
-    (failed calls over all calls) and ``turns_per_sample``.
+    (failed calls over all calls) and ``turns_per_sample``. ``read_clip``: how videos are decoded
+    (a training stage's, ``VLM.use_video``); default: ``FrameSampling()``'s frames at the model's
+    default video budget.
     """
     samples = read_jsonl(data_path).samples[:limit]
     if not samples:
         raise ValueError(f"{data_path}: no samples to evaluate")
     loop = loop or AgentLoop(vlm, HFEngine(vlm))
+    read_clip = read_clip or vlm.use_video(FrameSampling())
     vlm.model.eval()
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     kept, infos, parts = [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress):
-        batch, images, _ = load_sample_images(samples[start:start + batch_size])
+        batch, media, _ = load_sample_media(samples[start:start + batch_size], read_clip)
         if not batch:
             continue
-        prompts = encode_prompts(vlm, [s.prompt_messages for s in batch], images, loop.tool_schemas)
+        prompts = encode_prompts(vlm, [s.prompt_messages for s in batch], media, loop.tool_schemas)
         parts.append(loop.run(prompts, params).without_media())
         kept += batch
         infos += prompts.infos
@@ -134,6 +140,7 @@ def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str]
     columns = reward_columns(samples, texts, names, decoders=decoders, truncated=truncated, trace=trace)
     table = RewardScorer(rewards, OnRewardError.SKIP)(list(texts), columns)
     metrics = {name: _nanmean(table.column(name)) for name in spec}
+    metrics |= _per_qtype(samples, table, spec)
     if is_detection(samples):
         metrics |= detection_metrics(samples, columns["pred_boxes"])
     metrics["truncated_rate"] = float(np.mean(truncated)) if truncated else 0.0
@@ -141,6 +148,22 @@ def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str]
     predictions = [{"id": s.id, "completion": text, **{n: _finite(v) for n, v in zip(table.names, row, strict=True)}}
                    for s, text, row in zip(samples, texts, table.values, strict=True)]
     return EvalReport(data=data, metrics=metrics, predictions=predictions)
+
+
+def _per_qtype(samples: Sequence[Sample], table: RewardTable, spec: dict[str, Any]) -> dict[str, float | None]:
+    """``metric/<type>`` for data whose samples name their question type in a ``qtype`` field
+    (``video_qa`` does): each per-sample metric over that type's samples where it applies."""
+    kinds = [s.extra.get("qtype") for s in samples]
+    if not any(kinds):
+        return {}
+    out = {}
+    for kind in sorted({k for k in kinds if k}):
+        rows = np.array([k == kind for k in kinds])
+        for name in spec:
+            value = _nanmean(table.column(name)[rows])
+            if value is not None and name != "format_rate":
+                out[f"{name}/{kind}"] = value
+    return out
 
 
 def write_report(report: EvalReport, out_dir: str | Path, title: str = "Evaluation") -> tuple[Path, Path]:

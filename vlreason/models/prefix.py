@@ -127,18 +127,21 @@ class SharedPrefix:
 def prompt_positions(model: PreTrainedModel, inputs: BatchFeature | dict[str, torch.Tensor]) -> torch.Tensor:
     """``[3, B, Lp]`` multimodal rotary positions of left-padded prompts (0 on padding)."""
     return rope_positions(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("image_grid_thw"),
-                          inputs.get("video_grid_thw"))
+                          inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts"))
 
 
 def rope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                   second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
     """``[3, B, L]`` the model's own multimodal rotary positions of ``[B, L]`` tokens counted from 0
-    (masked tokens skipped; every row needs a real token)."""
+    (masked tokens skipped; every row needs a real token). ``second_per_grid_ts``: Qwen2.5-VL's
+    seconds per temporal patch of each video (the other families have none)."""
     image_id, video_id = (model.config.image_token_id, model.config.video_token_id)
     types = (input_ids == image_id).long() + 2 * (input_ids == video_id).long()  # 0 text, 1 image, 2 video
+    timing = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
     position_ids, _ = _vl_core(model).get_rope_index(input_ids, types, image_grid_thw=image_grid_thw,
-                                                     video_grid_thw=video_grid_thw, attention_mask=attention_mask)
+                                                     video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                                                     **timing)
     return position_ids
 
 
@@ -222,7 +225,9 @@ def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, 
     input_ids = torch.cat([repeat["input_ids"], continuation.input_ids], dim=1)
     inputs = {"input_ids": input_ids, "attention_mask": torch.cat(
         [repeat["attention_mask"], continuation.attention_mask.to(repeat["attention_mask"])], dim=1),
-        "mm_token_type_ids": (input_ids == model.config.image_token_id).long()}
+        "mm_token_type_ids": (input_ids == model.config.image_token_id).long()
+        + 2 * (input_ids == model.config.video_token_id).long()}
+    inputs |= _repeated_videos(model, prompt_inputs, group_size)
     prompt_images = _split_images(prompt_inputs.get("pixel_values"), prompt_inputs.get("image_grid_thw"),
                                   images_per_prompt)
     own_images = _split_images(continuation.pixel_values, continuation.image_grid_thw,
@@ -233,6 +238,30 @@ def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, 
         inputs["image_grid_thw"] = torch.stack([grid for _, grid in pieces])
     hidden = _vl_core(model)(**inputs, use_cache=False)[0]  # [B * G, Lp + T, H]
     return hidden[:, prompt_len - 1: prompt_len - 1 + continuation.input_ids.shape[1]]
+
+
+def _repeated_videos(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
+                     group_size: int) -> dict[str, torch.Tensor]:
+    """The prompts' video tensors with each prompt's videos repeated for its G rows (videos
+    appear in prompts only); empty without videos."""
+    grid = prompt_inputs.get("video_grid_thw")
+    if grid is None:
+        return {}
+    merge = model.config.vision_config.spatial_merge_size
+    tokens = (prompt_inputs["input_ids"] == model.config.video_token_id).sum(dim=1).tolist()  # [B]
+    per_video = (grid.prod(dim=-1) // merge**2).tolist()
+    owner = []  # the prompt of each video, found by the prompts' video-token counts, in order
+    for prompt, count in enumerate(tokens):
+        while count > 0:
+            count -= per_video[len(owner)]
+            owner.append(prompt)
+    pixels = torch.split(prompt_inputs["pixel_values_videos"], grid.prod(dim=-1).tolist())
+    order = [video for prompt in range(len(tokens)) for _ in range(group_size)
+             for video, own in enumerate(owner) if own == prompt]
+    repeated = {"pixel_values_videos": torch.cat([pixels[v] for v in order]), "video_grid_thw": grid[order]}
+    if "second_per_grid_ts" in prompt_inputs:
+        repeated["second_per_grid_ts"] = prompt_inputs["second_per_grid_ts"][order]
+    return repeated
 
 
 def _split_images(pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None, counts: list[int]

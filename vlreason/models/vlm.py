@@ -9,6 +9,7 @@ directory ``AutoProcessor`` can silently return only the tokenizer, and every tr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +36,7 @@ from vlreason.models.adapters import ChatStyle, FamilyAdapter, VideoPrompt, adap
 from vlreason.models.tiny import TINY_PRESETS, TinySpec, tiny_config, tiny_tokenizer
 from vlreason.vision.boxes import Box, Size
 from vlreason.vision.images import ImageInfo, ResizePolicy, fit_image
-from vlreason.vision.video import Clip
+from vlreason.vision.video import Clip, ClipReader, FrameSampling, probe_video, sample_indices
 from vlreason.vision.video_patches import VideoPatches, VideoPatching, patch_video
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +76,16 @@ class VLM:
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
+
+    def use_video(self, sampling: FrameSampling, max_pixels: int | None = None, total_pixels: int | None = None,
+                  backend: str | None = None, shuffle_seed: int | None = None) -> ClipReader:
+        """Set the pixel budget of video frames (``max_pixels`` per frame, None keeps it;
+        ``total_pixels`` across a clip, None for no total) and return the reader that decodes a
+        video's frames at the size this model then patches them at (``shuffle_seed``: see
+        ``ClipReader``)."""
+        self.video = dataclasses.replace(self.video, max_pixels=max_pixels or self.video.max_pixels,
+                                         total_pixels=total_pixels)
+        return ClipReader(sampling, backend, self.video.frame_size, shuffle_seed)
 
     def prepare_images(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[ImageInfo]]:
         """Resize RGB images to the model's input sizes; returns the resized images and their sizes."""
@@ -193,16 +204,35 @@ class VLM:
         return [self.adapter.render_chat(conv, add_generation_prompt, tools=tools) for conv in conversations]
 
     def token_counts(self, conversations: Sequence[Sequence[Message]], image_sizes: Sequence[Sequence[Size]],
-                     add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
-        """Tokens each conversation takes as model input, image tokens included, without loading
-        any pixels: the rendered text's tokens plus, per image, the merged patches of its
-        model-input size minus the one placeholder token the text already counts."""
+                     add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None,
+                     videos: Sequence[Sequence[VideoPrompt]] | None = None) -> list[int]:
+        """Tokens each conversation takes as model input, image and video tokens included, without
+        loading any pixels: the rendered text's tokens plus, per image, the merged patches of its
+        model-input size minus the one placeholder token the text already counts, and per video
+        (``video_prompt``) the tokens of its text minus the placeholder's three."""
         texts = self.render(conversations, add_generation_prompt, tools)
         text_tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         factor = self.adapter.factor
         image_tokens = [sum(w * h // factor**2 - 1 for w, h in map(self.resize.target_size, sizes))
                         for sizes in image_sizes]
-        return [len(ids) + extra for ids, extra in zip(text_tokens, image_tokens, strict=True)]
+        video_tokens = [sum(len(self.tokenizer(self.adapter.video_text(video), add_special_tokens=False)["input_ids"])
+                            - 3 for video in row) for row in videos or [[] for _ in texts]]
+        return [len(ids) + extra + more for ids, extra, more in zip(text_tokens, image_tokens, video_tokens,
+                                                                    strict=True)]
+
+    def video_prompt(self, path: str, reader: ClipReader) -> VideoPrompt:
+        """The grid and frame times a video will have, from its stream facts alone (no frame is
+        decoded): what ``token_counts`` needs before training.
+
+        Raises:
+            VideoError: the file cannot be opened, or the sampling asks past its end.
+        """
+        info = probe_video(path, reader.backend)
+        indices = sample_indices(info, reader.sampling, path)
+        width, height = self.video.frame_size(info.shown_size, len(indices))
+        t = -(-len(indices) // self.video.temporal_patch_size)
+        grid = (t, height // self.video.patch_size, width // self.video.patch_size)
+        return VideoPrompt(grid, tuple(index / info.fps for index in indices))
 
     def box_decoder(self, infos: Sequence[ImageInfo]) -> Callable[[Sequence[float]], Box] | None:
         """Parses this family's box coordinates for a sample's first image into original pixels

@@ -27,6 +27,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from vlreason.choices import Choice
+from vlreason.data.batch import Media
 from vlreason.data.schema import Message
 from vlreason.models.prefix import Continuation
 from vlreason.models.vlm import VLM
@@ -70,7 +71,8 @@ class PromptBatch:
         images: each prompt's RGB images in original resolution (what tools crop from).
         resized: the same images at the model's input size (what the model sees).
         infos: original and model-input size of every image.
-        inputs: the encoded, left-padded batch (``VLM.encode``) for engines in this process.
+        inputs: the encoded, left-padded batch (``VLM.encode``, videos included) for engines in
+            this process.
     """
 
     messages: list[list[Message]]
@@ -231,15 +233,15 @@ class Trajectories:
                 "images_seen": [len(images) for images in self.images]}
 
 
-def encode_prompts(vlm: VLM, conversations: Sequence[Sequence[Message]], images: Sequence[Sequence[Image.Image]],
+def encode_prompts(vlm: VLM, conversations: Sequence[Sequence[Message]], media: Sequence[Media],
                    tools: Sequence[dict[str, Any]] | None = None) -> PromptBatch:
-    """B conversations with their original images as a ``PromptBatch`` (``tools``: the tool
-    schemas the system prompt lists)."""
-    fitted = [vlm.prepare_images(row) for row in images]
+    """B conversations with their media (original images, decoded video clips) as a
+    ``PromptBatch`` (``tools``: the tool schemas the system prompt lists)."""
+    fitted = [vlm.prepare_images(row.images) for row in media]
     resized, infos = [row for row, _ in fitted], [row for _, row in fitted]
+    inputs = vlm.encode_resized(conversations, resized, infos, tools=tools, videos=[row.clips for row in media])
     return PromptBatch(messages=[list(conv) for conv in conversations], texts=vlm.render(conversations, True, tools),
-                       images=[list(row) for row in images], resized=resized, infos=infos,
-                       inputs=vlm.encode_resized(conversations, resized, infos, tools=tools))
+                       images=[list(row.images) for row in media], resized=resized, infos=infos, inputs=inputs)
 
 
 ENGINES = Registry("rollout engine", "vlreason.rollout_engines")

@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import BatchFeature
 
 from vlreason.config import StageConfig
-from vlreason.data.batch import load_sample_images
+from vlreason.data.batch import Media, load_sample_media
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM
 from vlreason.rewards.scoring import RewardScorer, RewardTable, reward_columns
@@ -36,6 +35,7 @@ from vlreason.rollout.engine import SamplingParams, StopReason, Trajectories, bu
 from vlreason.training import TrainingStopped
 from vlreason.training.distributed import Processes
 from vlreason.vision.images import ImageInfo
+from vlreason.vision.video import ClipReader
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +97,30 @@ class GroupBatch:
 
     def prompt_inputs_of(self, first: int, last: int) -> BatchFeature:
         """The encoded inputs of prompts ``first .. last - 1`` alone: their rows of the text
-        tensors (``[B, L]``) and their images' rows of ``pixel_values`` / ``image_grid_thw``."""
-        images = [len(sample.images) for sample in self.samples]
-        image_start, image_stop = sum(images[:first]), sum(images[:last])
+        tensors (``[B, L]``) and their images' and videos' rows of the pixel tensors."""
         inputs = {key: self.prompt_inputs[key][first:last] for key in ("input_ids", "attention_mask",
                                                                         "mm_token_type_ids")}
-        if "image_grid_thw" in self.prompt_inputs:
-            patches = self.prompt_inputs["image_grid_thw"].prod(dim=-1).tolist()  # [I] rows of pixel_values
-            rows = slice(sum(patches[:image_start]), sum(patches[:image_stop]))
-            inputs["pixel_values"] = self.prompt_inputs["pixel_values"][rows]
-            inputs["image_grid_thw"] = self.prompt_inputs["image_grid_thw"][image_start:image_stop]
+        images = [len(sample.images) for sample in self.samples]
+        videos = [len(sample.videos) for sample in self.samples]
+        inputs |= _media_rows(self.prompt_inputs, images[:first], images[first:last], "pixel_values",
+                              ("image_grid_thw",))
+        inputs |= _media_rows(self.prompt_inputs, videos[:first], videos[first:last], "pixel_values_videos",
+                              ("video_grid_thw", "second_per_grid_ts"))
         return BatchFeature(inputs)
+
+
+def _media_rows(inputs: BatchFeature, before: list[int], own: list[int], pixels: str,
+                per_item: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Some prompts' share of one medium's tensors: its rows of ``pixels`` and of the per-item
+    tensors (``per_item``, the first of which is the ``[N, 3]`` grid), given the item counts of
+    the prompts ``before`` them and their ``own``; empty when the batch has none of that medium."""
+    grid = per_item[0]
+    if grid not in inputs:
+        return {}
+    start, stop = sum(before), sum(before) + sum(own)
+    patches = inputs[grid].prod(dim=-1).tolist()  # [N] rows of the pixel tensor per item
+    rows = {pixels: inputs[pixels][sum(patches[:start]):sum(patches[:stop])]}
+    return rows | {key: inputs[key][start:stop] for key in per_item if key in inputs}
 
 
 @dataclass
@@ -154,9 +167,10 @@ class GroupSampler:
                  data_columns: Sequence[str], group_size: int, sampling: SamplingParams,
                  scale: AdvantageScale, clock: Callable[[], float],
                  length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 processes: Processes | None = None):
+                 processes: Processes | None = None, read_clip: ClipReader | None = None):
         """``length_penalty``: ``[N]`` completion lengths -> ``[N]`` added to the total reward
-        (DAPO's overlong shaping), or None. ``processes``: the ranks sharing each draw (default: one)."""
+        (DAPO's overlong shaping), or None. ``processes``: the ranks sharing each draw (default: one).
+        ``read_clip``: decodes prompts' videos (``VLM.use_video``); data with videos needs it."""
         self.vlm = vlm
         self.loop = loop
         self.scorer = scorer
@@ -168,6 +182,7 @@ class GroupSampler:
         self.clock = clock
         self.length_penalty = length_penalty
         self.processes = processes or Processes()
+        self.read_clip = read_clip
         self.trainer_state: Any = None
 
     def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int,
@@ -180,48 +195,47 @@ class GroupSampler:
         draws_allowed = 1 + (max_refills if dynamic else 0)
         while out.kept_groups < batch_size and out.draws < draws_allowed:
             needed = batch_size - out.kept_groups if dynamic else batch_size
-            samples, images = self._load_prompts(stream, needed, out)
+            samples, media = self._load_prompts(stream, needed, out)
             out.draws += 1
             share = self.processes.shard(len(samples))
-            part = self._sample_share(samples, images, share, seed * 1000 + out.draws, out)
+            part = self._sample_share(samples, media, share, seed * 1000 + out.draws, out)
             out.sampled_groups += len(samples)
             if dynamic and part is not None:
-                part = self._drop_flat_groups(part, images[share], out)
+                part = self._drop_flat_groups(part, media[share], out)
             if part is not None:
                 out.parts.append(part)
             out.kept_groups += int(self.processes.sum([part.num_prompts if part is not None else 0])[0])
         return out
 
-    def _load_prompts(self, stream: PromptStream, n: int, out: SampledBatch
-                      ) -> tuple[list[Sample], list[list[Image.Image]]]:
-        """The next ``n`` prompts whose images load; a sample whose image fails is skipped (counted in
-        ``out``) and replaced by the next one, so one broken file never empties a batch.
+    def _load_prompts(self, stream: PromptStream, n: int, out: SampledBatch) -> tuple[list[Sample], list[Media]]:
+        """The next ``n`` prompts whose images and videos load; a sample whose file fails is skipped
+        (counted in ``out``) and replaced by the next one, so one broken file never empties a batch.
 
         Raises:
             TrainingStopped: a whole pass over the data failed to load.
         """
         samples: list[Sample] = []
-        images: list[list[Image.Image]] = []
+        media: list[Media] = []
         failed_in_row = 0
         while len(samples) < n:
-            kept, loaded, skipped = load_sample_images(stream.take(n - len(samples)))
+            kept, loaded, skipped = load_sample_media(stream.take(n - len(samples)), self.read_clip)
             samples += kept
-            images += loaded
+            media += loaded
             out.skipped_samples += skipped
             failed_in_row = 0 if kept else failed_in_row + skipped
             if failed_in_row >= len(stream.samples):
-                raise TrainingStopped(f"the images of {failed_in_row} prompts in a row failed to load, as many as the "
+                raise TrainingStopped(f"the media of {failed_in_row} prompts in a row failed to load, as many as the "
                                       "data holds (see the warnings above); check the files with `vlreason data check`")
-        return samples, images
+        return samples, media
 
-    def _sample_share(self, samples: list[Sample], images: list[list[Image.Image]], share: slice, seed: int,
+    def _sample_share(self, samples: list[Sample], media: list[Media], share: slice, seed: int,
                       out: SampledBatch) -> GroupBatch | None:
         """This process's ``share`` of one draw, sampled, scored and with advantages (None when the
         share is empty). Every process calls this for every draw: the batch std is a collective."""
         g = self.group_size
         part = None
         if share.stop > share.start:
-            part = self._sample_part(samples[share], images[share], replace(
+            part = self._sample_part(samples[share], media[share], replace(
                 self.sampling, n=g, seed=seed, first_row=share.start * g, total_rows=len(samples) * g), out)
         rewards = part.rewards if part is not None else torch.empty(0)
         batch_rewards = None
@@ -231,12 +245,12 @@ class GroupSampler:
             part.advantages = group_advantages(rewards, g, self.scale, batch_rewards)
         return part
 
-    def _sample_part(self, samples: list[Sample], images: list[list[Image.Image]], sampling: SamplingParams,
+    def _sample_part(self, samples: list[Sample], media: list[Media], sampling: SamplingParams,
                      out: SampledBatch) -> GroupBatch:
         """Steps 1-4 for some prompts (advantages are set by the caller)."""
-        # step 1: encode each prompt and its images once
+        # step 1: encode each prompt and its images and videos once
         start = self.clock()
-        prompts = encode_prompts(self.vlm, [s.prompt_messages for s in samples], images, self.loop.tool_schemas)
+        prompts = encode_prompts(self.vlm, [s.prompt_messages for s in samples], media, self.loop.tool_schemas)
         # step 2: sample G trajectories per prompt (with tools: model turns and observations)
         trajectories = self.loop.run(prompts, sampling)
         out.generate_s += self.clock() - start
@@ -263,8 +277,7 @@ class GroupSampler:
                                  trace=trajectories.reward_columns())
         return self.scorer(trajectories.texts, columns, {"trainer_state": self.trainer_state})
 
-    def _drop_flat_groups(self, part: GroupBatch, images: list[list[Image.Image]], out: SampledBatch
-                          ) -> GroupBatch | None:
+    def _drop_flat_groups(self, part: GroupBatch, media: list[Media], out: SampledBatch) -> GroupBatch | None:
         """Keep only groups with reward variance (DAPO's dynamic sampling). The kept prompts are
         encoded again, which gives exactly the inputs they were sampled with. A part dropped
         whole is kept as ``out.spare`` (its advantages are all 0)."""
@@ -277,8 +290,8 @@ class GroupSampler:
             return None
         rows = [i * self.group_size + j for i in keep for j in range(self.group_size)]
         samples = [part.samples[i] for i in keep]
-        prompt_inputs, _ = self.vlm.encode([s.prompt_messages for s in samples], [images[i] for i in keep],
-                                           tools=self.loop.tool_schemas)
+        prompt_inputs, _ = self.vlm.encode([s.prompt_messages for s in samples], [media[i].images for i in keep],
+                                           tools=self.loop.tool_schemas, videos=[media[i].clips for i in keep])
         table = RewardTable(part.table.names, part.table.values[rows], part.table.failures)
         return GroupBatch(samples, prompt_inputs, part.trajectories.select(rows), table, part.rewards[rows],
                           part.advantages[rows])

@@ -80,7 +80,13 @@ from vlreason.training.groups import GroupBatch, GroupSampler, PromptStream, Sam
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
 from vlreason.training.mismatch import SamplerMismatch, sampler_metrics
-from vlreason.training.model_setup import autocast, enable_activation_checkpointing, prepare_model, save_final
+from vlreason.training.model_setup import (
+    autocast,
+    enable_activation_checkpointing,
+    prepare_model,
+    save_final,
+    stage_clip_reader,
+)
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.sft import StageResult
 from vlreason.training.update import build_update
@@ -150,7 +156,8 @@ class GRPOTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.vlm = prepare_model(stage.model, stage.seed)
         self.model = self.vlm.model
-        samples = fit_length(self.vlm, inputs.samples, stage, inputs.tool_schemas)
+        read_clip = stage_clip_reader(self.vlm, stage)
+        samples = fit_length(self.vlm, inputs.samples, stage, inputs.tool_schemas, read_clip)
         self.stream = PromptStream(samples, stage.seed)
         self.data_fingerprint = data_fingerprint(samples)
         if stage.optim.gradient_checkpointing:
@@ -175,7 +182,7 @@ class GRPOTrainer:
             torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
-            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty(), self.processes)
+            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty(), self.processes, read_clip)
         self.step_count = 0
         self.bad_in_row = 0
         self.train_seconds = 0.0

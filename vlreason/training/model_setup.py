@@ -12,9 +12,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from vlreason.config import ModelConfig
+from vlreason.config import ModelConfig, StageConfig
 from vlreason.models.vlm import VLM, load_vlm, save_vlm
 from vlreason.training.checkpoints import disk_full
+from vlreason.vision.video import ClipReader
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def stage_clip_reader(vlm: VLM, stage: StageConfig) -> ClipReader:
+    """Give ``vlm`` the video pixel budget of ``stage.video`` and return the reader of the
+    stage's videos (training and evaluation decode them alike)."""
+    video = stage.video
+    return vlm.use_video(video.sampling(), video.max_pixels, video.total_pixels, video.backend,
+                         stage.seed if video.shuffle_frames else None)
 
 
 def save_final(vlm: VLM, path: str | Path) -> Path:

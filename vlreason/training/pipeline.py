@@ -34,6 +34,7 @@ from vlreason.rollout.agent import build_agent
 from vlreason.training.distributed import processes
 from vlreason.training.groups import stage_loop
 from vlreason.training.grpo import run_grpo
+from vlreason.training.model_setup import stage_clip_reader
 from vlreason.training.preflight import StageInputs, check_pipeline, stage_finished, stage_inputs
 from vlreason.training.run_dir import RunLock
 from vlreason.training.sft import StageResult, run_sft
@@ -97,7 +98,8 @@ def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:
                    max_pixels=stage.model.max_pixels, device=stage.model.device)
     agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
     report = evaluate(vlm, stage.data.eval, max_new_tokens=stage.rollout.max_new_tokens,
-                      progress=stage.logging.progress, loop=stage_loop(vlm, stage, agent))
+                      progress=stage.logging.progress, loop=stage_loop(vlm, stage, agent),
+                      read_clip=stage_clip_reader(vlm, stage))
     write_report(report, stage.output_dir, title=f"Evaluation after stage {stage.name}")
     logger.info("stage %s: %s", stage.name, ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()
                                                        if isinstance(v, float)))

@@ -31,6 +31,8 @@ from vlreason.training.checkpoints import checkpoint_step, checkpoints, read_sta
 from vlreason.training.distributed import processes
 from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
 from vlreason.training.update import read_deepspeed_file
+from vlreason.vision import video_backends
+from vlreason.vision.video import ClipReader
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +88,10 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     if stage.optim.deepspeed:
         read_deepspeed_file(stage.optim.deepspeed, f"{where}.optim.deepspeed")
     data = read_jsonl(stage.data.train, stage.data.on_bad_sample)
-    _refuse_video(data.video_sources, stage.data.train, f"{where}.data.train")
+    _check_video(stage, data.video_sources, f"{where}.data.train")
     samples = data.samples[: stage.data.max_samples]
     if stage.data.eval:
-        _refuse_video(read_jsonl(stage.data.eval).video_sources, stage.data.eval, f"{where}.data.eval")
+        _check_video(stage, read_jsonl(stage.data.eval).video_sources, f"{where}.data.eval")
     agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
     check_engine(stage.rollout.engine, stage.rollout.engine_options, f"{where}.rollout")
     rewards: dict[str, RewardFn] = {}
@@ -122,21 +124,24 @@ def check_engine(spec: str, options: dict[str, Any], where: str) -> None:
         check(**options)
 
 
-def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig,
-               tools: Sequence[dict[str, Any]] | None = None) -> list[Sample]:
+def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig, tools: Sequence[dict[str, Any]] | None = None,
+               reader: ClipReader | None = None) -> list[Sample]:
     """The samples within ``data.max_tokens`` (the prompt for GRPO, the whole conversation for
-    SFT, image tokens and the ``tools`` schemas of the system prompt counted); longer ones stop
-    the run or are skipped per ``data.on_bad_sample``."""
+    SFT, image and video tokens and the ``tools`` schemas of the system prompt counted; each video
+    is probed, not decoded, with ``reader``, which data with videos needs); longer ones stop the
+    run or are skipped per ``data.on_bad_sample``."""
     limit = stage.data.max_tokens
     if limit is None:
         return samples
     whole = stage.kind is StageKind.SFT
     conversations = [s.messages if whole else s.prompt_messages for s in samples]
+    videos = [[vlm.video_prompt(path, reader) for path in s.videos] for s in samples]
     lengths = vlm.token_counts(conversations, [s.image_sizes for s in samples], add_generation_prompt=not whole,
-                               tools=tools)
+                               tools=tools, videos=videos)
     too_long = [DataProblem(*_file_and_line(s.source), "messages" if whole else "prompt",
-                            f"{n} tokens (images included) exceed data.max_tokens={limit}; shorten the sample, "
-                            "lower model.max_pixels, or raise data.max_tokens")
+                            f"{n} tokens (images and videos included) exceed data.max_tokens={limit}; shorten the "
+                            "sample, lower model.max_pixels (video.max_pixels, video.max_frames), or raise "
+                            "data.max_tokens")
                 for s, n in zip(samples, lengths, strict=True) if n > limit]
     if not too_long:
         return samples
@@ -211,10 +216,22 @@ def _check_device(stage: StageConfig, where: str) -> None:
         raise ConfigError(f"{where}.model.dtype: float16 training needs a GPU; use bfloat16 or float32 on the CPU")
 
 
-def _refuse_video(sources: list[str], path: str, key: str) -> None:
-    if sources:
-        raise ValueError(f"{key}: {path} has {len(sources)} sample(s) with videos (first: {sources[0]}); the "
-                         "training and evaluation stages cannot read video yet. Leave those samples out.")
+def _check_video(stage: StageConfig, sources: list[str], key: str) -> None:
+    """For data with videos (``sources``: their samples' ``file:line``): the ``video`` settings
+    are valid, their decoder is installed, and the rollout engine reads video (the HF engine)."""
+    if not sources:
+        return
+    stage.video.sampling()
+    installed = video_backends.available()
+    wanted = stage.video.backend
+    if not installed or (wanted is not None and wanted not in installed):
+        need = f"the video decoder {wanted!r}" if wanted else "a video decoder"
+        raise ConfigError(f"{key}: {len(sources)} sample(s) have videos (first: {sources[0]}) and {need} is not "
+                          f"installed (installed: {', '.join(installed) or 'none'}): pip install 'vlreason[video]'"
+                          + (" or change video.backend" if wanted else ""))
+    if stage.kind is not StageKind.SFT and stage.rollout.engine != "hf":
+        raise ConfigError(f"{key}: {len(sources)} sample(s) have videos (first: {sources[0]}); the rollout engine "
+                          f"{stage.rollout.engine!r} takes images only: set rollout.engine=hf for video data")
 
 
 def _check_responses(samples: list[Sample]) -> None:

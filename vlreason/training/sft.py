@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from vlreason.config import StageConfig, final_checkpoint
-from vlreason.data.batch import load_sample_images
+from vlreason.data.batch import Media, load_sample_media
 from vlreason.data.schema import Message, Sample, map_assistant_text
 from vlreason.models.vlm import VLM
 from vlreason.training import TrainingStopped
@@ -52,9 +51,16 @@ from vlreason.training.checkpoints import (
 from vlreason.training.distributed import processes
 from vlreason.training.interrupt import InterruptFlag, TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, stage_metrics_log
-from vlreason.training.model_setup import compute_dtype, load_checkpoint_weights, prepare_model, save_final
+from vlreason.training.model_setup import (
+    compute_dtype,
+    load_checkpoint_weights,
+    prepare_model,
+    save_final,
+    stage_clip_reader,
+)
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.update import deepspeed_config, whole_weights
+from vlreason.vision.video import ClipReader
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -81,10 +87,11 @@ def run_sft(stage: StageConfig, resume: bool = False, inputs: StageInputs | None
     inputs = inputs or stage_inputs(stage)
     out = Path(stage.output_dir)
     vlm = prepare_model(stage.model, stage.seed)
-    samples = fit_length(vlm, inputs.samples, stage, inputs.tool_schemas)
+    reader = stage_clip_reader(vlm, stage)
+    samples = fit_length(vlm, inputs.samples, stage, inputs.tool_schemas, reader)
     checkpoint = _resume_point(out, samples, stage) if resume else None
     clock = WallClock(stage.optim.time_budget_s, read_marker(checkpoint)["seconds"] if checkpoint else 0.0)
-    collator = SFTCollator(vlm, samples, stage.data.thought_dropout, stage.seed, inputs.tool_schemas)
+    collator = SFTCollator(vlm, samples, stage.data.thought_dropout, stage.seed, inputs.tool_schemas, reader)
     if checkpoint is not None and checkpoint_step(checkpoint) >= stage.optim.max_steps:
         load_checkpoint_weights(vlm.model, checkpoint)
         steps = checkpoint_step(checkpoint)
@@ -212,12 +219,14 @@ class SFTCollator:
         thought_dropout: the rate of ``<think>`` blocks emptied (TON).
         seed: with the epoch and the sample, decides which thoughts are dropped.
         tools: tool schemas the system prompt lists (``agent.tools``), as in GRPO's prompts.
+        read_clip: decodes a sample's videos (``VLM.use_video``); data with videos needs it.
     """
 
     def __init__(self, vlm: VLM, data: Sequence[Sample], thought_dropout: float = 0.0, seed: int = 0,
-                 tools: Sequence[dict[str, Any]] | None = None):
+                 tools: Sequence[dict[str, Any]] | None = None, read_clip: ClipReader | None = None):
         self.vlm = vlm
         self.tools = tools
+        self.read_clip = read_clip
         self.data = list(data)
         self.position = {sample.source: index for index, sample in enumerate(self.data)}
         self.thought_dropout = thought_dropout
@@ -232,13 +241,13 @@ class SFTCollator:
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         loaded = [self.load(sample) for sample in samples]
         conversations = [empty_thoughts(s.messages) if self.drops_thoughts(s) else s.messages for s, _ in loaded]
-        inputs, _ = self.vlm.encode(conversations, [images for _, images in loaded], add_generation_prompt=False,
-                                    convert_boxes=True, tools=self.tools)
+        inputs, _ = self.vlm.encode(conversations, [media.images for _, media in loaded], add_generation_prompt=False,
+                                    convert_boxes=True, tools=self.tools, videos=[media.clips for _, media in loaded])
         inputs["labels"] = assistant_labels(inputs["input_ids"], self.im_start, self.header, self.im_end)
         return dict(inputs)
 
-    def load(self, sample: Sample) -> tuple[Sample, list[Image.Image]]:
-        """``sample`` with its images, or the first sample after it in ``data`` whose images load.
+    def load(self, sample: Sample) -> tuple[Sample, Media]:
+        """``sample`` with its media, or the first sample after it in ``data`` whose media load.
 
         Raises:
             TrainingStopped: no sample of the data loads.
@@ -246,12 +255,12 @@ class SFTCollator:
         start = self.position.get(sample.source, 0)
         for offset in range(len(self.data)):
             candidate = sample if offset == 0 else self.data[(start + offset) % len(self.data)]
-            kept, images, skipped = load_sample_images([candidate])
+            kept, media, skipped = load_sample_media([candidate], self.read_clip)
             self.skipped += skipped
             if kept:
-                return candidate, images[0]
-        raise TrainingStopped(f"no sample's images could be loaded, all {len(self.data)} failed (see the warnings "
-                              "above); check the files with `vlreason data check`")
+                return candidate, media[0]
+        raise TrainingStopped(f"no sample's images or videos could be loaded, all {len(self.data)} failed (see the "
+                              "warnings above); check the files with `vlreason data check`")
 
     def drops_thoughts(self, sample: Sample) -> bool:
         """Whether this epoch's presentation of ``sample`` has its thoughts dropped: a function of

@@ -12,6 +12,7 @@ Every problem with a file is a ``VideoError`` naming the file and what to do.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,6 +137,27 @@ class Clip:
         """Frames taken per second of the span they cover (first to last frame inclusive): for
         frames sampled over a whole clip, qwen-vl-utils' ``video_sample_fps``."""
         return len(self.indices) * self.info.fps / (self.indices[-1] - self.indices[0] + 1)
+
+
+@dataclass(frozen=True)
+class ClipReader:
+    """Decodes a sample's video the same way every time: which frames (``sampling``), with
+    which decoder (``backend``, None: the first installed) and at what size (``fit``, see
+    ``read_video``). With ``shuffle_seed`` the frames come in a fixed random order per video
+    (their times stay in order), the control for whether a model uses frame order."""
+
+    sampling: FrameSampling
+    backend: str | None = None
+    fit: Callable[[Size, int], Size] | None = None
+    shuffle_seed: int | None = None
+
+    def __call__(self, path: str | Path) -> Clip:
+        clip = read_video(path, self.sampling, self.backend, self.fit)
+        if self.shuffle_seed is not None:
+            digest = hashlib.sha256(f"{self.shuffle_seed}:{Path(path).name}".encode()).digest()
+            order = np.random.default_rng(int.from_bytes(digest[:8], "big")).permutation(len(clip.frames))
+            clip.frames = clip.frames[order]
+        return clip
 
 
 def sample_indices(info: VideoInfo, sampling: FrameSampling, source: str = "video") -> list[int]:
