@@ -5,18 +5,16 @@ broken file cannot end a run."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from vlreason.data.schema import Sample
 from vlreason.vision.images import ImageLoadError, load_image
-from vlreason.vision.video import Clip, VideoError
+from vlreason.vision.video import Clip, ClipReader, VideoError
 
 logger = logging.getLogger(__name__)
-
-ClipReader = Callable[[str], Clip]  # a video file -> the frames a sample uses (see VideoReading)
 
 
 @dataclass
