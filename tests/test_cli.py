@@ -296,3 +296,16 @@ def test_eval_with_an_unknown_tool_fails_before_loading_a_model(data_dir, capsys
     code, _, err = run(capsys, "eval", "no/such-model", "--data", str(data_dir / "grounding.jsonl"), "--tools", "corp")
     assert code == 2
     assert "unknown tool 'corp'; did you mean crop?" in err
+
+
+def test_eval_reads_videos_as_the_flags_say(tmp_path, capsys):
+    pytest.importorskip("av")
+    from vlreason.data.video_qa import synthesize_video_qa
+
+    data = synthesize_video_qa(tmp_path / "video", n=3, size=48, frames=8, fps=4, progress=False)
+    code, out, _ = run(capsys, "eval", "tiny-qwen2.5-vl", "--data", str(data), "--out", str(tmp_path / "report"),
+                       "--max-new-tokens", "4", "--video-fps", "4", "--video-min-frames", "8", "--video-max-frames", "8")
+    assert code == 0 and "choice_accuracy/direction" in out
+    code, _, err = run(capsys, "eval", "tiny-qwen2.5-vl", "--data", str(data), "--video-min-frames", "9",
+                       "--video-max-frames", "8")
+    assert code == 2 and "error: need fps > 0 and 1 <= min_frames <= max_frames" in err

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-turns", type=_positive_int, default=3, help="model turns with --tools (default 3)")
     evaluate.add_argument("--max-tokens", type=_positive_int, default=1024,
                           help="tokens after the prompt with --tools/--grounding (default 1024)")
+    evaluate.add_argument("--video-fps", type=float, default=2.0,
+                          help="video frames taken per second of a clip (as the config's video.fps; default 2)")
+    evaluate.add_argument("--video-min-frames", type=_positive_int, default=4, help="video.min_frames (default 4)")
+    evaluate.add_argument("--video-max-frames", type=_positive_int, default=16, help="video.max_frames (default 16)")
+    evaluate.add_argument("--video-max-pixels", type=_positive_int,
+                          help="video.max_pixels: pixels per video frame (default: the model's)")
     evaluate.set_defaults(run=run_eval)
 
     quick = commands.add_parser("quickstart", help="synthetic grounding on CPU: base -> SFT -> GRPO vs more SFT")
@@ -201,15 +207,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from vlreason.rollout import AgentLoop, HFEngine
     from vlreason.rollout.agent import build_agent
     from vlreason.training.checkpoints import refuse_training_checkpoint
+    from vlreason.vision.video import FrameSampling
 
     refuse_training_checkpoint(args.model)
     mode = "tools" if args.tools else "grounding" if args.grounding else "none"
     agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
     _quiet_transformers()
+    sampling = FrameSampling(fps=args.video_fps, min_frames=args.video_min_frames, max_frames=args.video_max_frames)
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
     loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=args.max_turns, max_tokens=args.max_tokens)
     report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit, loop=loop)
+                      limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels))
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
     json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
     print(_format_table(("metric", "value"), [(k, _cell(v) if isinstance(v, float) else str(v))
