@@ -304,7 +304,8 @@ def test_eval_reads_videos_as_the_flags_say(tmp_path, capsys):
 
     data = synthesize_video_qa(tmp_path / "video", n=3, size=48, frames=8, fps=4, progress=False)
     code, out, _ = run(capsys, "eval", "tiny-qwen2.5-vl", "--data", str(data), "--out", str(tmp_path / "report"),
-                       "--max-new-tokens", "4", "--video-fps", "4", "--video-min-frames", "8", "--video-max-frames", "8")
+                       "--max-new-tokens", "4", "--video-fps", "4", "--video-min-frames", "8",
+                       "--video-max-frames", "8")
     assert code == 0 and "choice_accuracy/direction" in out
     code, _, err = run(capsys, "eval", "tiny-qwen2.5-vl", "--data", str(data), "--video-min-frames", "9",
                        "--video-max-frames", "8")

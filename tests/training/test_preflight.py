@@ -69,6 +69,22 @@ def test_a_prompt_longer_than_max_tokens_stops_or_is_skipped(data, tmp_path):
     assert len(fit_length(vlm, stage_inputs(unlimited).samples, unlimited)) == 7
 
 
+def test_a_video_that_cannot_be_opened_stops_or_is_skipped_before_training(data, tmp_path, make_video):
+    make_video(data.parent / "fine.mp4")
+    whole = make_video(data.parent / "whole.mp4", frames=40)
+    (data.parent / "cut.mp4").write_bytes(whole.read_bytes()[:300])  # the index is cut off: nothing opens it
+    path = with_lines(data, tmp_path, {"videos": ["fine.mp4"], "prompt": "What happens?", "answer": "x"},
+                      {"videos": ["cut.mp4"], "prompt": "What happens?", "answer": "x"})
+    vlm = build_tiny_vlm("tiny-qwen2.5-vl")
+    strict = stage(path)
+    reader = vlm.use_video(strict.video.sampling())
+    with pytest.raises(DataError, match=r":8: videos: .*cut.mp4: no decoder can read it"):
+        fit_length(vlm, stage_inputs(strict).samples, strict, reader=reader)
+    lenient = stage(path, on_bad_sample="skip")
+    kept = fit_length(vlm, stage_inputs(lenient).samples, lenient, reader=reader)
+    assert [s.source.rsplit(":", 1)[1] for s in kept] == ["1", "2", "3", "4", "5", "6", "7"]
+
+
 def test_sft_counts_the_whole_conversation(data):
     vlm = build_tiny_vlm("tiny-qwen3-vl")
     samples = stage_inputs(stage(data, "sft")).samples

@@ -23,6 +23,7 @@ from typing import Any
 from vlreason.config import ConfigError, PipelineConfig, StageConfig, StageKind, final_checkpoint
 from vlreason.data.jsonl import DataError, DataProblem, OnBadSample, read_jsonl
 from vlreason.data.schema import Sample
+from vlreason.models.adapters import VideoPrompt
 from vlreason.models.vlm import VLM, resolve_device
 from vlreason.rewards.api import RewardFn, check_columns, get_reward
 from vlreason.rollout.agent import Agent, build_agent
@@ -32,7 +33,7 @@ from vlreason.training.distributed import processes
 from vlreason.training.run_dir import earlier_run_outputs, ensure_writable_dir, remove_run_outputs, stage_outputs
 from vlreason.training.update import read_deepspeed_file
 from vlreason.vision import video_backends
-from vlreason.vision.video import ClipReader
+from vlreason.vision.video import ClipReader, VideoError
 
 logger = logging.getLogger(__name__)
 
@@ -128,32 +129,50 @@ def fit_length(vlm: VLM, samples: list[Sample], stage: StageConfig, tools: Seque
                reader: ClipReader | None = None) -> list[Sample]:
     """The samples within ``data.max_tokens`` (the prompt for GRPO, the whole conversation for
     SFT, image and video tokens and the ``tools`` schemas of the system prompt counted; each video
-    is probed, not decoded, with ``reader``, which data with videos needs); longer ones stop the
-    run or are skipped per ``data.on_bad_sample``."""
+    is probed, not decoded, with ``reader``, which data with videos needs); longer ones, and ones
+    whose videos cannot be opened, stop the run or are skipped per ``data.on_bad_sample``."""
     limit = stage.data.max_tokens
     if limit is None:
         return samples
     whole = stage.kind is StageKind.SFT
     conversations = [s.messages if whole else s.prompt_messages for s in samples]
-    videos = [[vlm.video_prompt(path, reader) for path in s.videos] for s in samples]
+    videos, problems = _video_prompts(vlm, samples, reader)
     lengths = vlm.token_counts(conversations, [s.image_sizes for s in samples], add_generation_prompt=not whole,
                                tools=tools, videos=videos)
-    too_long = [DataProblem(*_file_and_line(s.source), "messages" if whole else "prompt",
-                            f"{n} tokens (images and videos included) exceed data.max_tokens={limit}; shorten the "
-                            "sample, lower model.max_pixels (video.max_pixels, video.max_frames), or raise "
-                            "data.max_tokens")
-                for s, n in zip(samples, lengths, strict=True) if n > limit]
-    if not too_long:
+    for index, (sample, n) in enumerate(zip(samples, lengths, strict=True)):
+        if n > limit and index not in problems:
+            problems[index] = DataProblem(
+                *_file_and_line(sample.source), "messages" if whole else "prompt",
+                f"{n} tokens (images and videos included) exceed data.max_tokens={limit}; shorten the sample, lower "
+                "model.max_pixels (video.max_pixels, video.max_frames), or raise data.max_tokens")
+    if not problems:
         return samples
     if stage.data.on_bad_sample is OnBadSample.ERROR:
-        raise DataError(too_long)
-    for problem in too_long[:10]:
+        raise DataError(list(problems.values()))
+    for problem in list(problems.values())[:10]:
         logger.warning("skipped: %s", problem)
-    logger.warning("skipped %d sample(s) longer than data.max_tokens=%d", len(too_long), limit)
-    kept = [s for s, n in zip(samples, lengths, strict=True) if n <= limit]
+    logger.warning("skipped %d sample(s) longer than data.max_tokens=%d or with videos that cannot be opened",
+                   len(problems), limit)
+    kept = [sample for index, sample in enumerate(samples) if index not in problems]
     if not kept:
-        raise ValueError(f"every sample of {stage.data.train} is longer than data.max_tokens={limit}")
+        raise ValueError(f"every sample of {stage.data.train} is longer than data.max_tokens={limit} or has videos "
+                         "that cannot be opened")
     return kept
+
+
+def _video_prompts(vlm: VLM, samples: list[Sample], reader: ClipReader | None
+                   ) -> tuple[list[list[VideoPrompt]], dict[int, DataProblem]]:
+    """Each sample's videos as ``VLM.video_prompt`` sees them (probed), and the problems of the
+    samples with a video that cannot be opened (by sample index; their list is empty)."""
+    videos: list[list[VideoPrompt]] = []
+    problems: dict[int, DataProblem] = {}
+    for index, sample in enumerate(samples):
+        try:
+            videos.append([vlm.video_prompt(path, reader) for path in sample.videos])
+        except VideoError as exc:
+            videos.append([])
+            problems[index] = DataProblem(*_file_and_line(sample.source), "videos", str(exc))
+    return videos, problems
 
 
 def stage_finished(stage: StageConfig) -> bool:
