@@ -92,31 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="delete the earlier run's checkpoints, logs and models in output_dir, then start over")
     train.set_defaults(run=run_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model on a data file")
-    evaluate.add_argument("model", help="checkpoint directory, hub id or tiny preset")
-    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl")
-    evaluate.add_argument("--out", help="report folder (default: MODEL/eval, or ./eval for a hub id)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=32)
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
-    evaluate.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                          help="compute dtype (auto: the checkpoint's)")
-    agent = evaluate.add_mutually_exclusive_group()
-    agent.add_argument("--tools", nargs="+", metavar="SPEC",
-                       help="tools the model may call in multi-turn rollouts, e.g. crop or tools/rotate.py:rotate")
-    agent.add_argument("--grounding", action="store_true",
-                       help="MGPO's two turns: a box, then the answer after seeing its crop")
-    evaluate.add_argument("--max-turns", type=_positive_int, default=3, help="model turns with --tools (default 3)")
-    evaluate.add_argument("--max-tokens", type=_positive_int, default=1024,
-                          help="tokens after the prompt with --tools/--grounding (default 1024)")
-    evaluate.add_argument("--video-fps", type=float, default=2.0,
-                          help="video frames taken per second of a clip (as the config's video.fps; default 2)")
-    evaluate.add_argument("--video-min-frames", type=_positive_int, default=4, help="video.min_frames (default 4)")
-    evaluate.add_argument("--video-max-frames", type=_positive_int, default=16, help="video.max_frames (default 16)")
-    evaluate.add_argument("--video-max-pixels", type=_positive_int,
-                          help="video.max_pixels: pixels per video frame (default: the model's)")
-    evaluate.set_defaults(run=run_eval)
+    _add_eval(commands)
 
     quick = commands.add_parser("quickstart", help="synthetic grounding on CPU: base -> SFT -> GRPO vs more SFT")
     quick.add_argument("--out", required=True, help="output folder (report.json, reward_curve.png, runs)")
@@ -287,6 +263,35 @@ def run_rewards_list(args: argparse.Namespace) -> int:
     print(_format_table(("reward", "needs columns", "what it scores"), rows))
     print("\nOther rewards are named 'package.module:attr' or 'path/to/file.py:attr' (see rewards/README.md).")
     return 0
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    """``vlreason eval MODEL --data FILE``: its model, data, decoding, agent and video arguments."""
+    evaluate = commands.add_parser("eval", help="evaluate a model on a data file")
+    evaluate.add_argument("model", help="checkpoint directory, hub id or tiny preset")
+    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl")
+    evaluate.add_argument("--out", help="report folder (default: MODEL/eval, or ./eval for a hub id)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
+    evaluate.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="compute dtype (auto: the checkpoint's)")
+    agent = evaluate.add_mutually_exclusive_group()
+    agent.add_argument("--tools", nargs="+", metavar="SPEC",
+                       help="tools the model may call in multi-turn rollouts, e.g. crop or tools/rotate.py:rotate")
+    agent.add_argument("--grounding", action="store_true",
+                       help="MGPO's two turns: a box, then the answer after seeing its crop")
+    evaluate.add_argument("--max-turns", type=_positive_int, default=3, help="model turns with --tools (default 3)")
+    evaluate.add_argument("--max-tokens", type=_positive_int, default=1024,
+                          help="tokens after the prompt with --tools/--grounding (default 1024)")
+    evaluate.add_argument("--video-fps", type=float, default=2.0,
+                          help="video frames taken per second of a clip (as the config's video.fps; default 2)")
+    evaluate.add_argument("--video-min-frames", type=_positive_int, default=4, help="video.min_frames (default 4)")
+    evaluate.add_argument("--video-max-frames", type=_positive_int, default=16, help="video.max_frames (default 16)")
+    evaluate.add_argument("--video-max-pixels", type=_positive_int,
+                          help="video.max_pixels: pixels per video frame (default: the model's)")
+    evaluate.set_defaults(run=run_eval)
 
 
 def _add_rollout_server(commands: argparse._SubParsersAction) -> None:

@@ -229,10 +229,8 @@ class VLM:
         """
         info = probe_video(path, reader.backend)
         indices = sample_indices(info, reader.sampling, path)
-        width, height = self.video.frame_size(info.shown_size, len(indices))
-        t = -(-len(indices) // self.video.temporal_patch_size)
-        grid = (t, height // self.video.patch_size, width // self.video.patch_size)
-        return VideoPrompt(grid, tuple(index / info.fps for index in indices))
+        size = self.video.frame_size(info.shown_size, len(indices))
+        return VideoPrompt(self.video.grid(size, len(indices)), tuple(index / info.fps for index in indices))
 
     def box_decoder(self, infos: Sequence[ImageInfo]) -> Callable[[Sequence[float]], Box] | None:
         """Parses this family's box coordinates for a sample's first image into original pixels

@@ -49,6 +49,12 @@ class VideoPatching:
         (``read_video``'s ``fit``)."""
         return self.frame_policy(frames).target_size(size)
 
+    def grid(self, size: tuple[int, int], frames: int) -> tuple[int, int, int]:
+        """``(t, h, w)`` of a ``frames``-frame clip whose frames are ``size`` ``(width, height)``
+        after ``frame_size``: temporal patches (the last padded) and patch rows and columns."""
+        width, height = size
+        return -(-frames // self.temporal_patch_size), height // self.patch_size, width // self.patch_size
+
     def frame_policy(self, frames: int) -> ResizePolicy:
         """The resize policy of each frame of a ``frames``-frame clip: the per-frame range, with
         the maximum lowered to an even share of ``total_pixels`` (at least 1.05 x ``min_pixels``)."""
@@ -117,7 +123,7 @@ def _patchify(video: np.ndarray, patching: VideoPatching) -> tuple[np.ndarray, t
     patch, then merge windows row by row, the patches of each window, then channel, time, pixels."""
     frames, channels, height, width = video.shape
     p, m, tp = patching.patch_size, patching.merge_size, patching.temporal_patch_size
-    t, h, w = frames // tp, height // p, width // p
+    t, h, w = patching.grid((width, height), frames)
     patches = video.reshape(t, tp, channels, h // m, m, p, w // m, m, p)
     patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     return np.ascontiguousarray(patches.reshape(t * h * w, channels * tp * p * p)), (t, h, w)
