@@ -183,6 +183,13 @@ class AlgorithmConfig:
     # total reward loses up to overlong_penalty, linearly (0: off)
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # Video-R1's T-GRPO: every prompt is sampled a second time (G completions) with each video's
+    # frames shuffled; when a group's accuracy in order p >= temporal_mu * p~ on shuffled frames,
+    # its correct ordered completions gain temporal_alpha (logged as reward/temporal). Correct: the
+    # reward named here (a key of rewards) scores 1. null: off
+    temporal_reward: str | None = None
+    temporal_alpha: float = 0.3
+    temporal_mu: float = 0.8
     on_reward_error: OnRewardError = OnRewardError.SKIP  # skip: score n/a, count and log; raise: stop
     reward_timeout_s: float | None = 600.0  # a reward call running longer fails (on_reward_error decides)
 
@@ -355,6 +362,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("algorithm.overlong_buffer", _non_negative, "must be >= 0 tokens (0: no overlong penalty)"),
     ("algorithm.overlong_penalty", _non_negative, "must be >= 0"),
     ("algorithm.sampler_is_cap", lambda v: v >= 1.0, "must be >= 1 (e.g. 2.0), or null for no correction"),
+    ("algorithm.temporal_alpha", _non_negative, "must be >= 0"),
+    ("algorithm.temporal_mu", _non_negative, "must be >= 0"),
     ("logging.log_every", _positive, "must be >= 1"),
     ("logging.rollouts_every", _non_negative, "must be >= 0 (0: never)"),
     ("save.every", _non_negative, "must be >= 0 (0: only at the end)"),
@@ -398,6 +407,9 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
     if algorithm.overlong_buffer > stage.rollout.max_new_tokens:
         raise ConfigError(f"{where}.algorithm.overlong_buffer: {algorithm.overlong_buffer} tokens exceed "
                           f"rollout.max_new_tokens ({stage.rollout.max_new_tokens})")
+    if algorithm.temporal_reward is not None and algorithm.temporal_reward not in stage.rewards:
+        raise ConfigError(f"{where}.algorithm.temporal_reward: {algorithm.temporal_reward!r} is not one of the stage's "
+                          f"rewards ({', '.join(stage.rewards)}); name the reward that scores 1 for a correct answer")
     micro, group = stage.optim.micro_batch_size, stage.rollout.num_generations
     if micro is not None and micro % group and group % micro:
         raise ConfigError(f"{where}.optim.micro_batch_size: {micro} completions must be a multiple or a divisor of "

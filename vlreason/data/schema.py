@@ -64,7 +64,8 @@ GROUND_TRUTH_FIELDS = ("answer", "choices", "boxes", "labels", "label", "count")
 STRUCTURE_FIELDS = ("id", "messages", "prompt", "response", "system", "images", "videos")
 # Names the reward scorer fills in itself; a data column must not shadow them.
 RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "pred_answer", "pred_think", "pred_boxes",
-                    "image_sizes", "trainer_state", "tool_calls", "tool_errors", "turns", "images_seen")
+                    "image_sizes", "video_paths", "trainer_state", "tool_calls", "tool_errors", "turns",
+                    "images_seen")
 ROLES = ("system", "user", "assistant", "tool")
 # Qwen-VL's vision tokens: the processor writes them around image and video pixels; never text
 # (data is refused with them, sampling suppresses them)

@@ -1,4 +1,5 @@
-"""Tiny random-weight Qwen-VL models for tests and the CPU quickstart.
+"""Tiny random-weight Qwen-VL models for tests and the CPU quickstart, and a tiny CLIP for the
+rewards that compare text with images.
 
 No weights can be downloaded in CI, so tests run on models built from configs with seeded
 random weights and the byte-level tokenizer committed in ``vlreason/assets/tiny_tokenizer``
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer, PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
 from vlreason.models.adapters import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, FamilyAdapter
@@ -107,3 +109,26 @@ def tiny_config(adapter: FamilyAdapter, tokenizer: Any, spec: TinySpec = TinySpe
     text["rope_parameters"]["mrope_interleaved"] = True
     vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
     return Qwen3VLConfig(text_config=text, vision_config=vision, **top_level)
+
+
+TINY_CLIP = "tiny-clip"
+
+
+def tiny_clip(seed: int = 0) -> tuple[Any, Any, Any]:
+    """A seeded random-weight CLIP (``model``, ``tokenizer``, ``image_processor``): 32 px images,
+    the committed tokenizer's vocabulary, 16-dimensional embeddings. It stands in for a CLIP or
+    SigLIP checkpoint in tests and CPU runs of rewards that compare text with images."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = layers | {"vocab_size": len(tokenizer), "max_position_embeddings": 64,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(text_config=text, vision_config=layers | {"image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tokenizer, processor

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from typing import Any
 
 from vlreason.choices import Choice
 from vlreason.rewards.api import Reward, Score, register_reward
@@ -244,3 +245,25 @@ class ChoiceReward(Reward):
         if truth is None:
             return None
         return float(choice_index(pred_answer, choices) == truth)
+
+
+_DEFAULT_JUDGES = (ClassificationReward(), ChoiceReward(), NumericReward())
+
+
+def answer_correct(pred_answer: str | None, answer: str | None, label: Any, choices: list[str] | None
+                   ) -> bool | None:
+    """Whether ``pred_answer`` is right by a sample's ground truth, judged with the default
+    options: ``label`` as ``classification`` does, ``choices`` as ``choice`` does, else a numeric
+    ``answer`` as ``numeric`` does, else the same text (case and spacing aside). None: the sample
+    has no ground truth. Rewards that pay only for correct answers (``tool_use``,
+    ``semantic_consistency``) judge with this."""
+    classification, choice, numeric = _DEFAULT_JUDGES
+    if label is not None:
+        return classification.score(pred_answer, label) == 1.0
+    if choices:
+        return choice.score(pred_answer, answer, choices) == 1.0
+    if answer is None:
+        return None
+    if parse_number(answer) is not None:
+        return numeric.score(pred_answer, answer) == 1.0
+    return pred_answer is not None and normalise(pred_answer) == normalise(answer)

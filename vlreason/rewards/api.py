@@ -7,8 +7,8 @@ TRL's reward functions, so TRL rewards drop in unchanged:
   "content": ...}]`` lists);
 * ``columns``: the batch's dataset columns by name (``answer``, ``boxes``, any extra field),
   each a list of N values, plus what the scorer parses once for every reward: ``prompts``,
-  ``pred_answer``, ``pred_think``, ``pred_boxes`` (``PredBox``es in original-image pixels) and
-  ``image_sizes``;
+  ``pred_answer``, ``pred_think``, ``pred_boxes`` (``PredBox``es in original-image pixels),
+  ``image_sizes`` and ``video_paths``;
 * the result: one score per completion, ``None`` where the reward does not apply.
 
 A reward may be ``async``. Settings belong in a small callable class (it pickles into worker
@@ -124,6 +124,14 @@ class Reward:
         return tuple(c for c in self.inputs if c not in self.optional and c not in RESERVED_COLUMNS)
 
     def __call__(self, completions: Sequence[Any], **columns: Any) -> list[Score]:
+        return [self.score(*values) for values in self.rows(completions, columns)]
+
+    def rows(self, completions: Sequence[Any], columns: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Per completion, the values of ``inputs`` in order (None for an absent optional column).
+
+        Raises:
+            KeyError: a required column is missing.
+        """
         n = len(completions)
         available = dict(columns)
         if "completions" in self.inputs:
@@ -132,8 +140,8 @@ class Reward:
             if name not in available and name not in self.optional:
                 raise KeyError(f"{self.__name__} needs column {name!r}; score through vlreason.rewards.RewardScorer, "
                                "which adds the parsed columns (pred_answer, pred_boxes, ...)")
-        rows = [available[name] if name in available else [None] * n for name in self.inputs]
-        return [self.score(*values) for values in zip(*rows, strict=True)]
+        columns_in_order = [available[name] if name in available else [None] * n for name in self.inputs]
+        return list(zip(*columns_in_order, strict=True))
 
     def score(self, *values: Any) -> Score:
         raise NotImplementedError

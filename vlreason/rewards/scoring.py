@@ -102,12 +102,13 @@ def reward_columns(samples: Sequence[Any], completions: Sequence[Any], data_colu
                    trace: Mapping[str, Sequence[Any]] | None = None) -> dict[str, list[Any]]:
     """Every column a reward receives for N = len(samples) * repeat completions: the dataset
     columns (``dataset_columns``), the parsed ones (``parsed_columns``), what TRL passes
-    (``prompts``, and ``completion_ids`` when given) and the trajectories' tool trace (``trace``:
-    ``Trajectories.reward_columns``). GRPO, evaluation and ``vlreason rewards check`` all build
-    their columns here."""
+    (``prompts``, and ``completion_ids`` when given), the samples' video files (``video_paths``)
+    and the trajectories' tool trace (``trace``: ``Trajectories.reward_columns``). GRPO,
+    evaluation and ``vlreason rewards check`` all build their columns here."""
     columns = dataset_columns(samples, data_columns, repeat)
     columns |= parsed_columns(completions, [s.image_sizes for s in samples for _ in range(repeat)], decoders, truncated)
     columns["prompts"] = [s.prompt_messages for s in samples for _ in range(repeat)]
+    columns["video_paths"] = [list(s.videos) for s in samples for _ in range(repeat)]
     if completion_ids is not None:
         columns["completion_ids"] = [list(ids) for ids in completion_ids]
     for name, values in (trace or {}).items():
@@ -126,6 +127,11 @@ class RewardTable:
     def column(self, name: str) -> np.ndarray:
         """``[N]`` scores of one reward."""
         return self.values[:, self.names.index(name)]
+
+    def with_column(self, name: str, scores: np.ndarray) -> RewardTable:
+        """This table with one more reward's ``[N]`` scores as its last column."""
+        return RewardTable([*self.names, name], np.concatenate([self.values, scores[:, None]], axis=1),
+                           dict(self.failures))
 
 
 class RewardScorer:

@@ -2,17 +2,15 @@
 correctly, and a penalty for each failed tool call.
 
 It reads the trajectory's tool trace (``tool_calls``, which the scorer fills in for multi-turn
-rollouts) and judges the answer by the sample's ground truth: ``label`` as ``classification``
-does, ``choices`` as ``choice`` does, else ``answer`` as ``numeric`` does (a non-numeric answer:
-the same text, case and spacing aside). A bonus only for correct answers keeps the model from
-calling tools for their own sake.
+rollouts) and judges the answer by the sample's ground truth (``answers.answer_correct``). A
+bonus only for correct answers keeps the model from calling tools for their own sake.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vlreason.rewards.answers import ChoiceReward, ClassificationReward, NumericReward, normalise, parse_number
+from vlreason.rewards.answers import answer_correct
 from vlreason.rewards.api import Reward, Score, register_reward
 
 
@@ -34,26 +32,12 @@ class ToolUseReward(Reward):
         super().__init__()
         self.bonus = bonus
         self.invalid_penalty = invalid_penalty
-        self.classification, self.choice, self.numeric = ClassificationReward(), ChoiceReward(), NumericReward()
 
     def score(self, pred_answer: str | None, answer: str | None, label: Any, choices: list[str] | None,
               tool_calls: list[dict[str, Any]] | None) -> Score:
-        correct = self.correct(pred_answer, answer, label, choices)
+        correct = answer_correct(pred_answer, answer, label, choices)
         if tool_calls is None or correct is None:
             return None
         used = any(call["error"] is None for call in tool_calls)
         failed = sum(call["error"] is not None for call in tool_calls)
         return (self.bonus if used and correct else 0.0) + self.invalid_penalty * failed
-
-    def correct(self, pred_answer: str | None, answer: str | None, label: Any, choices: list[str] | None
-                ) -> bool | None:
-        """Whether the answer is right by the sample's ground truth (None: it has none)."""
-        if label is not None:
-            return self.classification.score(pred_answer, label) == 1.0
-        if choices:
-            return self.choice.score(pred_answer, answer, choices) == 1.0
-        if answer is None:
-            return None
-        if parse_number(answer) is not None:
-            return self.numeric.score(pred_answer, answer) == 1.0
-        return pred_answer is not None and normalise(pred_answer) == normalise(answer)

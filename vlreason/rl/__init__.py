@@ -5,6 +5,7 @@ from vlreason.rl.advantages import (
     combine_rewards,
     group_advantages,
     overlong_penalty,
+    temporal_bonus,
     zero_variance_groups,
 )
 from vlreason.rl.losses import (
@@ -29,5 +30,6 @@ __all__ = [
     "k3_kl",
     "overlong_penalty",
     "policy_loss",
+    "temporal_bonus",
     "zero_variance_groups",
 ]

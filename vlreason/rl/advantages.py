@@ -102,3 +102,21 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, factor
         raise ValueError(f"overlong buffer must be in 1..{max_tokens} tokens, got {buffer}")
     start = max_tokens - buffer
     return -factor * ((lengths.to(torch.float32) - start) / buffer).clamp(min=0.0, max=1.0)
+
+
+def temporal_bonus(ordered: torch.Tensor, shuffled: torch.Tensor, alpha: float = 0.3, mu: float = 0.8
+                   ) -> torch.Tensor:
+    """Video-R1's T-GRPO reward: when a group answers its video at least ``mu`` times as well in
+    frame order as on shuffled frames (``p >= mu * p~``), each correct ordered completion gains
+    ``alpha``; otherwise nothing.
+
+    Args:
+        ordered: ``[B, G]`` bool, whether each completion on ordered frames is correct.
+        shuffled: ``[B, G']`` bool, the same for the group sampled on shuffled frames.
+
+    Returns:
+        ``[B, G]`` bonus (``alpha`` or 0).
+    """
+    p = ordered.float().mean(dim=1, keepdim=True)  # [B, 1]
+    p_shuffled = shuffled.float().mean(dim=1, keepdim=True)  # [B, 1]
+    return (ordered & (p >= mu * p_shuffled)).float() * alpha

@@ -13,7 +13,8 @@ in-process engine uses the encoded tensors and a server-style engine can send te
 Token ids go in and out; nothing is re-tokenised between turns. ``update_weights(model)`` is
 called after every optimizer step (a no-op for an engine that samples from the trained model
 itself). Engines are registered by name (``hf``; ``scripted`` replays given turns, for tests and
-debugging) in the same kind of registry as rewards and tools.
+debugging) in the same kind of registry as rewards and tools; an engine that samples from
+prompts with videos says so with the class attribute ``takes_video = True``.
 """
 
 from __future__ import annotations

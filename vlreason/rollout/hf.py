@@ -30,6 +30,8 @@ from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, Prom
 class HFEngine:
     """Samples from ``vlm.model`` on whatever device it lives on."""
 
+    takes_video = True  # the encoded prompts carry the videos' patches
+
     def __init__(self, vlm: VLM):
         self.vlm = vlm
         self.suppress = torch.tensor(vlm.adapter.suppress_token_ids(vlm.tokenizer))  # never sampled

@@ -17,6 +17,8 @@ class ScriptedEngine:
     of a draw gets the rows it would get in one process). A completion is one text (one turn) or a
     list of texts, one per turn; a row asked for more turns than its list has repeats the last."""
 
+    takes_video = True  # it reads no media at all
+
     def __init__(self, vlm: VLM, completions: Sequence[str | Sequence[str]]):
         if not completions:
             raise ValueError("the scripted engine needs at least one completion text")

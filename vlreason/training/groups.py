@@ -29,13 +29,13 @@ from vlreason.data.batch import Media, load_sample_media
 from vlreason.data.schema import Sample
 from vlreason.models.vlm import VLM
 from vlreason.rewards.scoring import RewardScorer, RewardTable, reward_columns
-from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, zero_variance_groups
+from vlreason.rl import AdvantageScale, combine_rewards, group_advantages, temporal_bonus, zero_variance_groups
 from vlreason.rollout.agent import Agent, AgentLoop
 from vlreason.rollout.engine import SamplingParams, StopReason, Trajectories, build_engine, encode_prompts
 from vlreason.training import TrainingStopped
 from vlreason.training.distributed import Processes
 from vlreason.vision.images import ImageInfo
-from vlreason.vision.video import ClipReader
+from vlreason.vision.video import ClipReader, shuffle_frames
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,18 @@ def _media_rows(inputs: BatchFeature, before: list[int], own: list[int], pixels:
 
 
 @dataclass
+class TemporalContrast:
+    """Video-R1's T-GRPO: each prompt is sampled a second time on shuffled frames (the same
+    sampling seed, so the two groups differ by frame order alone) and ``rl.temporal_bonus`` pays
+    correct ordered completions when order helped. Only the ordered group is trained on."""
+
+    reward: str  # the reward that scores 1 for a correct answer
+    scorer: RewardScorer  # that reward alone, for the shuffled group
+    alpha: float = 0.3
+    mu: float = 0.8
+
+
+@dataclass
 class SampledBatch:
     """What one step sampled: this process's groups kept for the update, the statistics of all it
     sampled, and the counts over all processes."""
@@ -139,6 +151,8 @@ class SampledBatch:
     tools_s: float = 0.0
     reward_s: float = 0.0
     spare: GroupBatch | None = None  # a dropped group, for padding passes when no group was kept here
+    # T-GRPO, per prompt with videos: (accuracy in order, accuracy on shuffled frames, bonus paid)
+    temporal: list[tuple[float, float, bool]] = field(default_factory=list)
 
     def for_logging(self) -> SampledBatch:
         """A copy without the encoded prompts (pixels), small enough to gather on the main process."""
@@ -155,6 +169,7 @@ class SampledBatch:
         return replace(first, parts=[p for b in batches for p in b.parts],
                        all_tables=[t for b in batches for t in b.all_tables],
                        all_trajectories=[r for b in batches for r in b.all_trajectories],
+                       temporal=[t for b in batches for t in b.temporal],
                        generate_s=max(b.generate_s for b in batches), tools_s=max(b.tools_s for b in batches),
                        reward_s=max(b.reward_s for b in batches),
                        spare=None)
@@ -167,10 +182,13 @@ class GroupSampler:
                  data_columns: Sequence[str], group_size: int, sampling: SamplingParams,
                  scale: AdvantageScale, clock: Callable[[], float],
                  length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 processes: Processes | None = None, read_clip: ClipReader | None = None):
+                 processes: Processes | None = None, read_clip: ClipReader | None = None,
+                 temporal: TemporalContrast | None = None):
         """``length_penalty``: ``[N]`` completion lengths -> ``[N]`` added to the total reward
         (DAPO's overlong shaping), or None. ``processes``: the ranks sharing each draw (default: one).
-        ``read_clip``: decodes prompts' videos (``VLM.use_video``); data with videos needs it."""
+        ``read_clip``: decodes prompts' videos (``VLM.use_video``); data with videos needs it.
+        ``temporal``: T-GRPO's shuffled-frame groups (its bonus is the table's last column, so
+        ``weights`` has one more entry for it)."""
         self.vlm = vlm
         self.loop = loop
         self.scorer = scorer
@@ -183,6 +201,7 @@ class GroupSampler:
         self.length_penalty = length_penalty
         self.processes = processes or Processes()
         self.read_clip = read_clip
+        self.temporal = temporal
         self.trainer_state: Any = None
 
     def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int,
@@ -259,6 +278,8 @@ class GroupSampler:
         start = self.clock()
         table = self._score(samples, prompts.infos, trajectories)
         out.reward_s += self.clock() - start
+        if self.temporal is not None:
+            table = table.with_column("temporal", self._temporal_bonus(samples, media, sampling, table, out))
         out.all_tables.append(table)
         out.all_trajectories.append(trajectories)
         # step 4: weighted total reward (advantages: normalised within each group by the caller)
@@ -267,7 +288,9 @@ class GroupSampler:
             rewards = rewards + self.length_penalty(trajectories.lengths)  # NaN stays NaN
         return GroupBatch(samples, prompts.inputs, trajectories, table, rewards, torch.zeros_like(rewards))
 
-    def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], trajectories: Trajectories) -> RewardTable:
+    def _score(self, samples: list[Sample], infos: list[list[ImageInfo]], trajectories: Trajectories,
+               scorer: RewardScorer | None = None) -> RewardTable:
+        """Every trajectory scored by ``scorer`` (default: the stage's rewards)."""
         g = self.group_size
         model_ids = [ids[mask.bool()].tolist() for ids, mask in zip(trajectories.ids, trajectories.loss_mask,
                                                                     strict=True)]
@@ -275,7 +298,33 @@ class GroupSampler:
                                  decoders=[self.vlm.box_decoder(row) for row in infos for _ in range(g)],
                                  truncated=trajectories.truncated.tolist(), completion_ids=model_ids,
                                  trace=trajectories.reward_columns())
-        return self.scorer(trajectories.texts, columns, {"trainer_state": self.trainer_state})
+        return (scorer or self.scorer)(trajectories.texts, columns, {"trainer_state": self.trainer_state})
+
+    def _temporal_bonus(self, samples: list[Sample], media: list[Media], sampling: SamplingParams,
+                        table: RewardTable, out: SampledBatch) -> np.ndarray:
+        """``[N]`` T-GRPO bonus of this part's trajectories (NaN for prompts without videos): the
+        prompts sampled again with shuffled frames, both groups judged by the temporal reward."""
+        temporal, g = self.temporal, self.group_size
+        first_prompt = sampling.first_row // g
+        shuffled_media = [Media(m.images, [shuffle_frames(clip, f"{sampling.seed}:{first_prompt + i}:{k}")
+                                           for k, clip in enumerate(m.clips)]) for i, m in enumerate(media)]
+        start = self.clock()
+        prompts = encode_prompts(self.vlm, [s.prompt_messages for s in samples], shuffled_media,
+                                 self.loop.tool_schemas)
+        shuffled = self.loop.run(prompts, sampling)
+        out.generate_s += self.clock() - start
+        start = self.clock()
+        shuffled_table = self._score(samples, prompts.infos, shuffled, temporal.scorer)
+        out.reward_s += self.clock() - start
+        correct = lambda scores: torch.from_numpy(np.nan_to_num(scores) >= 1.0).view(-1, g)  # noqa: E731
+        ordered, on_shuffled = correct(table.column(temporal.reward)), correct(shuffled_table.column(temporal.reward))
+        bonus = temporal_bonus(ordered, on_shuffled, temporal.alpha, temporal.mu)  # [B, G]
+        has_video = torch.tensor([bool(m.clips) for m in media])
+        for p, p_shuffled, paid in zip(ordered.float().mean(1)[has_video].tolist(),
+                                       on_shuffled.float().mean(1)[has_video].tolist(),
+                                       bonus.sum(1)[has_video].gt(0).tolist(), strict=True):
+            out.temporal.append((p, p_shuffled, paid))
+        return bonus.masked_fill(~has_video[:, None], float("nan")).flatten().double().numpy()
 
     def _drop_flat_groups(self, part: GroupBatch, media: list[Media], out: SampledBatch) -> GroupBatch | None:
         """Keep only groups with reward variance (DAPO's dynamic sampling). The kept prompts are
@@ -314,6 +363,17 @@ def reward_stats(tables: Sequence[RewardTable], trajectories: Sequence[Trajector
     stats["completions/truncated_frac"] = float(torch.cat([t.truncated for t in trajectories]).float().mean())
     stats["completions/empty_frac"] = float(np.mean([not text.strip() for t in trajectories for text in t.texts]))
     return stats | tool_stats(trajectories, tool_names)
+
+
+def temporal_stats(groups: Sequence[tuple[float, float, bool]]) -> dict[str, float]:
+    """T-GRPO's view of a step (``SampledBatch.temporal``): mean accuracy of the video groups in
+    frame order and on shuffled frames, and the share of groups whose correct answers got the bonus."""
+    if not groups:
+        return {}
+    ordered, shuffled, paid = zip(*groups, strict=True)
+    return {"temporal/ordered_accuracy": float(np.mean(ordered)),
+            "temporal/shuffled_accuracy": float(np.mean(shuffled)),
+            "temporal/bonus_groups": float(np.mean(paid))}
 
 
 def tool_stats(trajectories: Sequence[Trajectories], tool_names: Sequence[str] = ()) -> dict[str, float]:

@@ -76,7 +76,16 @@ from vlreason.training.checkpoints import (
     write_stage_record,
 )
 from vlreason.training.distributed import processes
-from vlreason.training.groups import GroupBatch, GroupSampler, PromptStream, SampledBatch, reward_stats, stage_loop
+from vlreason.training.groups import (
+    GroupBatch,
+    GroupSampler,
+    PromptStream,
+    SampledBatch,
+    TemporalContrast,
+    reward_stats,
+    stage_loop,
+    temporal_stats,
+)
 from vlreason.training.interrupt import TrainingInterrupted, catch_interrupt
 from vlreason.training.metrics import MetricsLog, keep_steps_upto, plot_curves, read_metrics, stage_metrics_log
 from vlreason.training.mismatch import SamplerMismatch, sampler_metrics
@@ -177,12 +186,20 @@ class GRPOTrainer:
         with self.update.gathered():  # an engine with its own copy (vLLM) starts from the whole weights
             loop = stage_loop(self.vlm, stage, inputs.agent)
         self.engine = loop.engine
+        temporal = None
+        weights = [spec.weight for spec in stage.rewards.values()]
+        if algorithm.temporal_reward is not None:
+            name = algorithm.temporal_reward
+            temporal = TemporalContrast(name, RewardScorer({name: inputs.rewards[name]}, algorithm.on_reward_error,
+                                                           timeout_s=algorithm.reward_timeout_s),
+                                        algorithm.temporal_alpha, algorithm.temporal_mu)
+            weights.append(1.0)  # the bonus is the table's last column, added as it is
         self.sampler = GroupSampler(
-            self.vlm, loop, scorer,
-            torch.tensor([spec.weight for spec in stage.rewards.values()]), sorted(inputs.columns),
+            self.vlm, loop, scorer, torch.tensor(weights), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
-            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty(), self.processes, read_clip)
+            stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty(), self.processes, read_clip,
+            temporal)
         self.step_count = 0
         self.bad_in_row = 0
         self.train_seconds = 0.0
@@ -458,6 +475,7 @@ class GRPOTrainer:
             "time/tools": batch.tools_s,
             "time/reward": batch.reward_s,
             "time/train": train_s,
+            **temporal_stats(batch.temporal),
         }
 
     def _warn_if_cut_off(self, values: dict[str, Any]) -> None:
@@ -508,6 +526,8 @@ class GRPOTrainer:
         if not records:
             return None
         keys = ["reward/total", *(f"reward/{name}" for name in self.stage.rewards)]
+        if self.stage.algorithm.temporal_reward is not None:
+            keys += ["reward/temporal", "temporal/ordered_accuracy", "temporal/shuffled_accuracy"]
         return plot_curves(records, keys, self.out / "reward_curve.png", f"GRPO rewards ({self.stage.name})")
 
     # ---- checkpoints ------------------------------------------------------------------------

@@ -101,6 +101,9 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     else:
         rewards = {name: get_reward(spec.fn or name, **spec.options) for name, spec in stage.rewards.items()}
         check_columns(rewards, data.columns, stage.data.train)
+        if stage.algorithm.temporal_reward is not None and not data.video_sources:
+            raise ConfigError(f"{where}.algorithm.temporal_reward: T-GRPO contrasts ordered with shuffled frames, and "
+                              f"{stage.data.train} has no videos; remove algorithm.temporal_reward for image data")
     return StageInputs(samples=samples, columns=data.columns, rewards=rewards, agent=agent)
 
 
@@ -248,7 +251,7 @@ def _check_video(stage: StageConfig, sources: list[str], key: str) -> None:
         raise ConfigError(f"{key}: {len(sources)} sample(s) have videos (first: {sources[0]}) and {need} is not "
                           f"installed (installed: {', '.join(installed) or 'none'}): pip install 'vlreason[video]'"
                           + (" or change video.backend" if wanted else ""))
-    if stage.kind is not StageKind.SFT and stage.rollout.engine != "hf":
+    if stage.kind is not StageKind.SFT and not getattr(ENGINES.resolve(stage.rollout.engine), "takes_video", False):
         raise ConfigError(f"{key}: {len(sources)} sample(s) have videos (first: {sources[0]}); the rollout engine "
                           f"{stage.rollout.engine!r} takes images only: set rollout.engine=hf for video data")
 

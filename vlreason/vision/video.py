@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -154,10 +154,16 @@ class ClipReader:
     def __call__(self, path: str | Path) -> Clip:
         clip = read_video(path, self.sampling, self.backend, self.fit)
         if self.shuffle_seed is not None:
-            digest = hashlib.sha256(f"{self.shuffle_seed}:{Path(path).name}".encode()).digest()
-            order = np.random.default_rng(int.from_bytes(digest[:8], "big")).permutation(len(clip.frames))
-            clip.frames = clip.frames[order]
+            clip = shuffle_frames(clip, f"{self.shuffle_seed}:{Path(path).name}")
         return clip
+
+
+def shuffle_frames(clip: Clip, seed: str) -> Clip:
+    """``clip`` with its frames in a random order fixed by ``seed`` (their times and frame numbers
+    stay in order): what a model sees when frame order carries no information."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    order = np.random.default_rng(int.from_bytes(digest[:8], "big")).permutation(len(clip.frames))
+    return replace(clip, frames=clip.frames[order])
 
 
 def sample_indices(info: VideoInfo, sampling: FrameSampling, source: str = "video") -> list[int]:
