@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-pixels", type=_positive_int,
                        help="zoom: the pixel budget (Qwen3-VL's 32 px merged patches) the tool-trace crops are "
                             "written for: the config's model.max_pixels (default: the tiny models' 65536)")
+    synth.add_argument("--qtypes", help="video_qa: question types, comma-separated (default: direction,flashes,first)")
     synth.set_defaults(run=run_data_synth)
 
     rewards = commands.add_parser("rewards", help="list rewards or try one on data").add_subparsers(metavar="ACTION")
@@ -148,6 +149,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _frame_counts(text: str) -> list[int]:
+    """``4,8,16`` -> ``[4, 8, 16]``: growing frame counts, each >= 1."""
+    counts = [_positive_int(part) for part in text.split(",")]
+    if any(b <= a for a, b in zip(counts, counts[1:], strict=False)):
+        raise argparse.ArgumentTypeError(f"frame counts must grow, sparse to dense, got {text!r}")
+    return counts
+
+
 def _quiet_transformers() -> None:
     """No per-call bars from transformers (loading weights, writing shards) between our own
     progress bars; hub download bars stay."""
@@ -176,9 +185,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
-    from vlreason.eval import evaluate, write_report
+    from vlreason.eval import evaluate, evaluate_frame_scaling, write_report
     from vlreason.models.vlm import load_vlm
     from vlreason.rollout import AgentLoop, HFEngine
     from vlreason.rollout.agent import build_agent
@@ -190,10 +200,20 @@ def run_eval(args: argparse.Namespace) -> int:
     agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
     _quiet_transformers()
     sampling = FrameSampling(fps=args.video_fps, min_frames=args.video_min_frames, max_frames=args.video_max_frames)
+    if args.frame_scaling and (args.votes < 2 or not args.temperature > 0):
+        raise ValueError(f"--frame-scaling compares sampled answers: use --votes >= 2 (got {args.votes}) and "
+                         f"--temperature > 0 (got {args.temperature})")
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
     loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=args.max_turns, max_tokens=args.max_tokens)
-    report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels))
+    if args.frame_scaling:
+        readers = [vlm.use_video(replace(sampling, min_frames=count, max_frames=count), args.video_max_pixels)
+                   for count in args.frame_scaling]
+        report = evaluate_frame_scaling(vlm, args.data, readers, votes=args.votes, temperature=args.temperature,
+                                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                        limit=args.limit, loop=loop)
+    else:
+        report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels))
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
     json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
     print(_format_table(("metric", "value"), [(k, _cell(v) if isinstance(v, float) else str(v))
@@ -238,9 +258,10 @@ def run_data_synth(args: argparse.Namespace) -> int:
         print(f"wrote {args.n} zoom samples to {paths[0]} and, as crop-tool traces, to {paths[1]}")
         return 0
     if args.task == "video_qa":
-        from vlreason.data.video_qa import synthesize_video_qa
+        from vlreason.data.video_qa import QTYPES, synthesize_video_qa
 
-        path = synthesize_video_qa(args.out, n=args.n, seed=args.seed, size=args.image_size or 64)
+        path = synthesize_video_qa(args.out, n=args.n, seed=args.seed, size=args.image_size or 64,
+                                   qtypes=args.qtypes.split(",") if args.qtypes else QTYPES)
         print(f"wrote {args.n} video_qa samples to {path}")
         return 0
     path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size or 112)
@@ -291,6 +312,13 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--video-max-frames", type=_positive_int, default=16, help="video.max_frames (default 16)")
     evaluate.add_argument("--video-max-pixels", type=_positive_int,
                           help="video.max_pixels: pixels per video frame (default: the model's)")
+    evaluate.add_argument("--frame-scaling", type=_frame_counts, metavar="N,N,...",
+                          help="Video-RTS: answer each video from N frames first, from more when --votes sampled "
+                               "answers disagree (e.g. 4,8,16; replaces the --video-*-frames counts)")
+    evaluate.add_argument("--votes", type=_positive_int, default=4,
+                          help="answers sampled per round with --frame-scaling (default 4)")
+    evaluate.add_argument("--temperature", type=float, default=1.0,
+                          help="sampling temperature of the votes with --frame-scaling (default 1.0)")
     evaluate.set_defaults(run=run_eval)
 
 

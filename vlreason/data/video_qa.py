@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,9 @@ _STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def synthesize_video_qa(out_dir: str | Path, n: int, seed: int = 0, size: int = 64, frames: int = 16,
-                        fps: int = 8, progress: bool = True) -> Path:
-    """Write ``n`` samples (question types in turn) to ``out_dir/video_qa.jsonl`` with clips in
-    ``out_dir/videos``.
+                        fps: int = 8, progress: bool = True, qtypes: Sequence[str] = QTYPES) -> Path:
+    """Write ``n`` samples (the question types ``qtypes`` in turn) to ``out_dir/video_qa.jsonl``
+    with clips in ``out_dir/videos``.
 
     Args:
         size: side of the square frames in pixels (even, at least 32).
@@ -47,13 +48,16 @@ def synthesize_video_qa(out_dir: str | Path, n: int, seed: int = 0, size: int = 
     """
     if n <= 0 or size < 32 or size % 2 or frames < 8 or fps <= 0:
         raise ValueError("need n >= 1, an even size >= 32, frames >= 8 and fps > 0")
+    unknown = [q for q in qtypes if q not in QTYPES]
+    if unknown or not qtypes:
+        raise ValueError(f"unknown question type(s) {unknown}; choose from {', '.join(QTYPES)}")
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"video_qa:{seed}")
     path = out / "video_qa.jsonl"
     with path.open("w") as handle:
         for index in tqdm(range(n), desc="synth video_qa", disable=not progress, unit="clip"):
-            qtype = QTYPES[index % len(QTYPES)]
+            qtype = qtypes[index % len(qtypes)]
             clip, record = _SAMPLERS[qtype](rng, size, frames)
             name = f"videos/video_qa_{seed}_{index:06d}.mp4"
             write_clip(clip, out / name, fps)
