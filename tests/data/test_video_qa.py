@@ -87,3 +87,12 @@ def test_the_first_shape_shows_earlier(samples):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="even size"):
         synthesize_video_qa(tmp_path, n=1, size=33)
+
+
+def test_chosen_question_types_only(tmp_path):
+    path = synthesize_video_qa(tmp_path / "d", n=4, size=32, frames=8, qtypes=("direction",), progress=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["qtype"] for r in records] == ["direction"] * 4
+    assert all(r["answer"] in DIRECTIONS for r in records)
+    with pytest.raises(ValueError, match="unknown question type"):
+        synthesize_video_qa(tmp_path / "e", n=2, qtypes=("sideways",), progress=False)
