@@ -294,7 +294,7 @@ class AgentLoop:
             return None
         started = time.perf_counter()
         context = ToolContext(images=prompts.images[prompt], infos=prompts.infos[prompt], adapter=self.vlm.adapter,
-                              resize=self.vlm.resize)
+                              resize=self.vlm.resize, clips=prompts.clips[prompt])
         observation = self.agent.observe(text, context, self.max_images - len(row.images))
         row.calls += observation.calls
         rendered = self.vlm.adapter.render_continuation(observation.messages)

@@ -34,6 +34,7 @@ from vlreason.models.prefix import Continuation
 from vlreason.models.vlm import VLM
 from vlreason.registry import Registry
 from vlreason.vision.images import ImageInfo
+from vlreason.vision.video import Clip
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class PromptBatch:
         infos: original and model-input size of every image.
         inputs: the encoded, left-padded batch (``VLM.encode``, videos included) for engines in
             this process.
+        clips: each prompt's decoded videos (what tools that select frames read).
     """
 
     messages: list[list[Message]]
@@ -82,6 +84,7 @@ class PromptBatch:
     resized: list[list[Image.Image]]
     infos: list[list[ImageInfo]]
     inputs: BatchFeature
+    clips: list[list[Clip]]
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -242,7 +245,8 @@ def encode_prompts(vlm: VLM, conversations: Sequence[Sequence[Message]], media: 
     resized, infos = [row for row, _ in fitted], [row for _, row in fitted]
     inputs = vlm.encode_resized(conversations, resized, infos, tools=tools, videos=[row.clips for row in media])
     return PromptBatch(messages=[list(conv) for conv in conversations], texts=vlm.render(conversations, True, tools),
-                       images=[list(row.images) for row in media], resized=resized, infos=infos, inputs=inputs)
+                       images=[list(row.images) for row in media], resized=resized, infos=infos, inputs=inputs,
+                       clips=[list(row.clips) for row in media])
 
 
 ENGINES = Registry("rollout engine", "vlreason.rollout_engines")

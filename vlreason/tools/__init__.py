@@ -1,7 +1,7 @@
 """Tools: the plugin API (``register_tool``, ``get_tool``, ``Tool``), tool-call parsing, and the
-built-in ``crop`` tool (its geometry: ``vision.crops``)."""
+built-in tools: ``crop`` (its geometry: ``vision.crops``) and ``select_frames`` (videos)."""
 
-from vlreason.tools import crop  # noqa: F401  (register built-ins)
+from vlreason.tools import crop, frames  # noqa: F401  (register built-ins)
 from vlreason.tools.api import (
     TOOLS,
     FunctionTool,

@@ -11,7 +11,7 @@ A tool is a typed function the model can call during a rollout::
         \"\"\"
 
 The first parameter receives the ``ToolContext`` (the sample's images at original resolution,
-their sizes, the model family's box convention and pixel budget); the others are the arguments
+their sizes, the model family's box convention and pixel budget, its videos' clips); the others are the arguments
 the model writes. Their type hints and the docstring's ``Args:`` section become the JSON schema
 shown to the model, and the model's arguments are checked against the hints before the call.
 
@@ -42,6 +42,7 @@ from vlreason.registry import PluginError, Registry, instantiate
 if TYPE_CHECKING:
     from vlreason.models.adapters import FamilyAdapter
     from vlreason.vision.images import ImageInfo, ResizePolicy
+    from vlreason.vision.video import Clip
 
 TOOLS = Registry("tool", "vlreason.tools")
 
@@ -80,6 +81,7 @@ class ToolContext:
     infos: list[ImageInfo]  # original_size and (model) input_size of each image
     adapter: FamilyAdapter  # the model family: box convention (from_model / to_model)
     resize: ResizePolicy  # the model's pixel budget: factor, min_pixels, max_pixels
+    clips: list[Clip] = field(default_factory=list)  # the sample's videos as the prompt showed them
 
 
 @dataclass(frozen=True)

@@ -125,12 +125,14 @@ class Clip:
         timestamps: each frame's presentation time in seconds (for Qwen2.5-VL's
             ``second_per_grid_ts`` and Qwen3-VL's timestamp text).
         info: the stream's facts.
+        path: the video file.
     """
 
     frames: np.ndarray
     indices: list[int]
     timestamps: list[float]
     info: VideoInfo
+    path: str = ""
 
     @property
     def sample_fps(self) -> float:
@@ -254,7 +256,7 @@ def read_video(path: str | Path, sampling: FrameSampling = FrameSampling(), back
                          f"({exc}); the file may be truncated or damaged: {REENCODE}") from exc
     finally:
         reader.close()
-    return Clip(_rotated(frames, reader.info.rotation), indices, timestamps, reader.info)
+    return Clip(_rotated(frames, reader.info.rotation), indices, timestamps, reader.info, str(path))
 
 
 def video_decode_problem(path: str | Path, sampling: FrameSampling = FrameSampling()) -> str | None:
