@@ -190,6 +190,12 @@ class AlgorithmConfig:
     temporal_reward: str | None = None
     temporal_alpha: float = 0.3
     temporal_mu: float = 0.8
+    # VideoP2R's PA-GRPO: the tokens of a completion's <perception_tag>...</perception_tag> span
+    # learn from the advantage of perception_rewards alone (the rewards that judge that span), all
+    # other tokens from the advantage of the other rewards, each normalised within its group.
+    # null: one advantage per completion
+    perception_tag: str | None = None
+    perception_rewards: list[str] = field(default_factory=list)
     on_reward_error: OnRewardError = OnRewardError.SKIP  # skip: score n/a, count and log; raise: stop
     reward_timeout_s: float | None = 600.0  # a reward call running longer fails (on_reward_error decides)
 
@@ -410,6 +416,7 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
     if algorithm.temporal_reward is not None and algorithm.temporal_reward not in stage.rewards:
         raise ConfigError(f"{where}.algorithm.temporal_reward: {algorithm.temporal_reward!r} is not one of the stage's "
                           f"rewards ({', '.join(stage.rewards)}); name the reward that scores 1 for a correct answer")
+    _validate_perception(algorithm, stage, where)
     micro, group = stage.optim.micro_batch_size, stage.rollout.num_generations
     if micro is not None and micro % group and group % micro:
         raise ConfigError(f"{where}.optim.micro_batch_size: {micro} completions must be a multiple or a divisor of "
@@ -417,6 +424,23 @@ def _validate_grpo(stage: StageConfig, where: str) -> None:
     if stage.model.dtype == "float16":
         raise ConfigError(f"{where}.model.dtype: GRPO computes in float32 or bfloat16 (float16 gradients need "
                           "loss scaling, which it does not do); use bfloat16")
+
+
+def _validate_perception(algorithm: AlgorithmConfig, stage: StageConfig, where: str) -> None:
+    """PA-GRPO's settings: a tag and the rewards that judge its span, leaving others for the rest."""
+    tag, names = algorithm.perception_tag, algorithm.perception_rewards
+    if tag is None and not names:
+        return
+    if tag is None or not re.fullmatch(r"\w+", tag) or not names:
+        raise ConfigError(f"{where}.algorithm.perception_tag/perception_rewards: PA-GRPO needs both, a tag name "
+                          "(e.g. perception, for <perception>...</perception>) and the rewards that judge its span")
+    unknown = [name for name in names if name not in stage.rewards]
+    if unknown:
+        raise ConfigError(f"{where}.algorithm.perception_rewards: {unknown} are not rewards of the stage "
+                          f"({', '.join(stage.rewards)})")
+    if set(names) >= set(stage.rewards):
+        raise ConfigError(f"{where}.algorithm.perception_rewards: every reward judges the perception span; keep at "
+                          "least one (e.g. choice or format) for the reasoning and answer tokens")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

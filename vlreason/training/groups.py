@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -89,11 +90,16 @@ class GroupBatch:
     trajectories: Trajectories
     table: RewardTable  # [N, R]
     rewards: torch.Tensor  # [N] weighted total, NaN where no reward applies
-    advantages: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N] (with PA-GRPO: of the rewards outside the perception span)
+    token_advantages: torch.Tensor | None = None  # [N, T] PA-GRPO's per token (T: the trajectories' width)
 
     @property
     def num_prompts(self) -> int:
         return len(self.samples)
+
+    def advantages_of(self, rows: slice) -> torch.Tensor:
+        """What the loss weighs ``rows``' tokens by: ``[n, T]`` per token with PA-GRPO, else ``[n]``."""
+        return (self.advantages if self.token_advantages is None else self.token_advantages)[rows]
 
     def prompt_inputs_of(self, first: int, last: int) -> BatchFeature:
         """The encoded inputs of prompts ``first .. last - 1`` alone: their rows of the text
@@ -133,6 +139,16 @@ class TemporalContrast:
     scorer: RewardScorer  # that reward alone, for the shuffled group
     alpha: float = 0.3
     mu: float = 0.8
+
+
+@dataclass
+class PerceptionSpans:
+    """VideoP2R's PA-GRPO: the tokens of each completion's ``<tag>...</tag>`` span (``tag_spans``)
+    get the group-normalised advantage of the rewards in ``columns`` (those that judge the span),
+    the other tokens that of the remaining rewards."""
+
+    tag: str
+    columns: torch.Tensor  # [R] bool over the reward table's columns
 
 
 @dataclass
@@ -183,12 +199,12 @@ class GroupSampler:
                  scale: AdvantageScale, clock: Callable[[], float],
                  length_penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  processes: Processes | None = None, read_clip: ClipReader | None = None,
-                 temporal: TemporalContrast | None = None):
+                 temporal: TemporalContrast | None = None, perception: PerceptionSpans | None = None):
         """``length_penalty``: ``[N]`` completion lengths -> ``[N]`` added to the total reward
         (DAPO's overlong shaping), or None. ``processes``: the ranks sharing each draw (default: one).
         ``read_clip``: decodes prompts' videos (``VLM.use_video``); data with videos needs it.
         ``temporal``: T-GRPO's shuffled-frame groups (its bonus is the table's last column, so
-        ``weights`` has one more entry for it)."""
+        ``weights`` has one more entry for it). ``perception``: PA-GRPO's per-span advantages."""
         self.vlm = vlm
         self.loop = loop
         self.scorer = scorer
@@ -202,6 +218,7 @@ class GroupSampler:
         self.processes = processes or Processes()
         self.read_clip = read_clip
         self.temporal = temporal
+        self.perception = perception
         self.trainer_state: Any = None
 
     def sample(self, stream: PromptStream, batch_size: int, seed: int, dynamic: bool, max_refills: int,
@@ -256,13 +273,38 @@ class GroupSampler:
         if share.stop > share.start:
             part = self._sample_part(samples[share], media[share], replace(
                 self.sampling, n=g, seed=seed, first_row=share.start * g, total_rows=len(samples) * g), out)
-        rewards = part.rewards if part is not None else torch.empty(0)
+        if self.perception is None:
+            advantages = self._advantages(part.rewards if part is not None else torch.empty(0))
+            if part is not None:
+                part.advantages = advantages
+            return part
+        inside, outside = self._span_rewards(part) if part is not None else (torch.empty(0), torch.empty(0))
+        inside, outside = self._advantages(inside), self._advantages(outside)
+        if part is not None:
+            spans = tag_spans(part.trajectories, self.vlm.tokenizer, self.perception.tag)  # [N, T]
+            part.advantages = outside
+            part.token_advantages = torch.where(spans, inside[:, None], outside[:, None])
+        return part
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``[N]`` group-normalised advantages of this process's ``rewards`` (a collective with
+        batch scaling over several processes: every process calls it, with or without rows)."""
         batch_rewards = None
         if self.scale is AdvantageScale.BATCH and self.processes.distributed:
             batch_rewards = torch.cat(self.processes.gather(rewards))
-        if part is not None:
-            part.advantages = group_advantages(rewards, g, self.scale, batch_rewards)
-        return part
+        if not rewards.numel():
+            return rewards
+        return group_advantages(rewards, self.group_size, self.scale, batch_rewards)
+
+    def _span_rewards(self, part: GroupBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` weighted totals of the rewards that judge the perception span and of the others
+        (the overlong penalty, if any, counts against the others)."""
+        values, columns = torch.from_numpy(part.table.values).float(), self.perception.columns
+        inside = combine_rewards(values[:, columns], self.weights[columns])
+        outside = combine_rewards(values[:, ~columns], self.weights[~columns])
+        if self.length_penalty is not None:
+            outside = outside + self.length_penalty(part.trajectories.lengths)
+        return inside, outside
 
     def _sample_part(self, samples: list[Sample], media: list[Media], sampling: SamplingParams,
                      out: SampledBatch) -> GroupBatch:
@@ -342,8 +384,27 @@ class GroupSampler:
         prompt_inputs, _ = self.vlm.encode([s.prompt_messages for s in samples], [media[i].images for i in keep],
                                            tools=self.loop.tool_schemas, videos=[media[i].clips for i in keep])
         table = RewardTable(part.table.names, part.table.values[rows], part.table.failures)
+        token_advantages = part.token_advantages[rows] if part.token_advantages is not None else None
         return GroupBatch(samples, prompt_inputs, part.trajectories.select(rows), table, part.rewards[rows],
-                          part.advantages[rows])
+                          part.advantages[rows], token_advantages)
+
+
+def tag_spans(trajectories: Trajectories, tokenizer: Any, tag: str) -> torch.Tensor:
+    """``[N, T]`` True on the model-written tokens inside ``<tag>...</tag>`` (tags included; an
+    unclosed span runs to the end of the model's text). Each token is decoded on its own and
+    a token counts when its text overlaps a span."""
+    pattern = re.compile(rf"<{re.escape(tag)}>.*?(?:</{re.escape(tag)}>|\Z)", re.DOTALL)
+    spans = torch.zeros_like(trajectories.loss_mask, dtype=torch.bool)
+    for row in range(len(trajectories)):
+        columns = trajectories.loss_mask[row].nonzero().flatten().tolist()
+        pieces = [tokenizer.decode([int(trajectories.ids[row, c])], skip_special_tokens=False) for c in columns]
+        lengths = np.array([len(piece) for piece in pieces], dtype=int)
+        ends = np.cumsum(lengths)  # [n] where each token's text ends in the joined text
+        starts = ends - lengths
+        for match in pattern.finditer("".join(pieces)):
+            inside = (starts < match.end()) & (ends > match.start())
+            spans[row, [c for c, hit in zip(columns, inside, strict=True) if hit]] = True
+    return spans
 
 
 def reward_stats(tables: Sequence[RewardTable], trajectories: Sequence[Trajectories], tool_names: Sequence[str] = ()

@@ -79,6 +79,7 @@ from vlreason.training.distributed import processes
 from vlreason.training.groups import (
     GroupBatch,
     GroupSampler,
+    PerceptionSpans,
     PromptStream,
     SampledBatch,
     TemporalContrast,
@@ -186,26 +187,38 @@ class GRPOTrainer:
         with self.update.gathered():  # an engine with its own copy (vLLM) starts from the whole weights
             loop = stage_loop(self.vlm, stage, inputs.agent)
         self.engine = loop.engine
-        temporal = None
-        weights = [spec.weight for spec in stage.rewards.values()]
-        if algorithm.temporal_reward is not None:
-            name = algorithm.temporal_reward
-            temporal = TemporalContrast(name, RewardScorer({name: inputs.rewards[name]}, algorithm.on_reward_error,
-                                                           timeout_s=algorithm.reward_timeout_s),
-                                        algorithm.temporal_alpha, algorithm.temporal_mu)
-            weights.append(1.0)  # the bonus is the table's last column, added as it is
+        weights, temporal, perception = self._reward_options(inputs)
         self.sampler = GroupSampler(
             self.vlm, loop, scorer, torch.tensor(weights), sorted(inputs.columns),
             rollout.num_generations, SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p,
                                                     max_new_tokens=rollout.max_new_tokens),
             stage.algorithm.scale_rewards, time.perf_counter, self._length_penalty(), self.processes, read_clip,
-            temporal)
+            temporal, perception)
         self.step_count = 0
         self.bad_in_row = 0
         self.train_seconds = 0.0
         self.resumed_from: int | None = None
         self.saved_step: int | None = None
         self.warned_cut_off = False
+
+    def _reward_options(self, inputs: StageInputs) -> tuple[list[float], TemporalContrast | None,
+                                                             PerceptionSpans | None]:
+        """The reward table's column weights, T-GRPO's shuffled-frame groups and PA-GRPO's spans,
+        as the stage's ``algorithm`` section asks."""
+        algorithm, rewards = self.stage.algorithm, self.stage.rewards
+        weights = [spec.weight for spec in rewards.values()]
+        temporal = perception = None
+        if algorithm.temporal_reward is not None:
+            name = algorithm.temporal_reward
+            temporal = TemporalContrast(name, RewardScorer({name: inputs.rewards[name]}, algorithm.on_reward_error,
+                                                           timeout_s=algorithm.reward_timeout_s),
+                                        algorithm.temporal_alpha, algorithm.temporal_mu)
+            weights.append(1.0)  # the bonus is the table's last column, added as it is
+        if algorithm.perception_tag is not None:
+            judges = [name in algorithm.perception_rewards for name in rewards]
+            judges += [False] * (temporal is not None)  # T-GRPO's bonus judges the answer
+            perception = PerceptionSpans(algorithm.perception_tag, torch.tensor(judges))
+        return weights, temporal, perception
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -323,7 +336,7 @@ class GRPOTrainer:
                 weights = mismatch.add(behaviour, None if sampled is None else sampled[micro.rows], mask,
                                        counted=micro.weight > 0)
                 result = policy_loss(
-                    logp, behaviour, micro.part.advantages[micro.rows].to(device), mask,
+                    logp, behaviour, micro.part.advantages_of(micro.rows).to(device), mask,
                     epsilon_low=algorithm.epsilon_low, epsilon_high=algorithm.epsilon_high,
                     aggregation=algorithm.loss_aggregation, max_tokens=self.stage.rollout.max_new_tokens,
                     beta=algorithm.beta, ref_logp=ref[index] if ref else None,
