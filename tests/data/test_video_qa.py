@@ -96,3 +96,11 @@ def test_chosen_question_types_only(tmp_path):
     assert all(r["answer"] in DIRECTIONS for r in records)
     with pytest.raises(ValueError, match="unknown question type"):
         synthesize_video_qa(tmp_path / "e", n=2, qtypes=("sideways",), progress=False)
+
+
+def test_the_same_seed_writes_the_same_bytes(tmp_path):
+    first = synthesize_video_qa(tmp_path / "a", n=6, size=32, frames=8, progress=False).parent
+    second = synthesize_video_qa(tmp_path / "b", n=6, size=32, frames=8, progress=False).parent
+    assert (first / "video_qa.jsonl").read_text() == (second / "video_qa.jsonl").read_text()
+    for clip in sorted((first / "videos").iterdir()):
+        assert clip.read_bytes() == (second / "videos" / clip.name).read_bytes()
