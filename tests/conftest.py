@@ -1,6 +1,7 @@
 """Tests marked ``gpu`` need CUDA: without it they are skipped, so the default run stays CPU-only.
 Fixtures shared across folders: ``make_video``."""
 
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def make_video():
     rate variable; ``options`` go to the muxer (``{"movflags": "faststart"}``)."""
     pytest.importorskip("av")
     return _write_video
+
+
+@pytest.fixture
+def left_video_data(tmp_path, make_video) -> Path:
+    """A JSONL file of two 16-frame video prompts asking "Which way?", both answered "left"
+    (choices left / right)."""
+    lines = []
+    for i in range(2):
+        make_video(tmp_path / f"v{i}.mp4", frames=16)
+        lines.append(json.dumps({"id": f"s{i}", "videos": [f"v{i}.mp4"], "prompt": "Which way?", "answer": "left",
+                                 "choices": ["left", "right"]}))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _write_video(path: Path, codec: str = "libx264", frames: int = 30, size: tuple[int, int] = (64, 48),

@@ -37,24 +37,12 @@ def test_votes_agree_by_the_option_they_pick():
                                                                                      False, free)
 
 
-@pytest.fixture
-def left_clips(tmp_path, make_video):
-    lines = []
-    for i in range(2):
-        make_video(tmp_path / f"v{i}.mp4", frames=16)
-        lines.append(json.dumps({"id": f"s{i}", "videos": [f"v{i}.mp4"], "prompt": "Which way?", "answer": "left",
-                                 "choices": ["left", "right"]}))
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def test_a_sample_whose_votes_disagree_is_answered_again_from_more_frames(left_clips):
+def test_a_sample_whose_votes_disagree_is_answered_again_from_more_frames(left_video_data):
     vlm = build_tiny_vlm("tiny-qwen3-vl")
     readers = [vlm.use_video(FrameSampling(fps=10, min_frames=n, max_frames=n)) for n in (2, 4, 8)]
     # round 1 (2 frames): s0 left, left (agreed); s1 left, right (open); round 2 (4 frames): s1 right, right
     engine = ScriptedEngine(vlm, [LEFT, LEFT, LEFT, RIGHT, RIGHT, RIGHT])
-    report = evaluate_frame_scaling(vlm, left_clips, readers, votes=2, loop=AgentLoop(vlm, engine), progress=False)
+    report = evaluate_frame_scaling(vlm, left_video_data, readers, votes=2, loop=AgentLoop(vlm, engine), progress=False)
     metrics = report.metrics
     assert [p["completion"] for p in report.predictions] == [LEFT, RIGHT]
     assert metrics["choice_accuracy"] == 0.5
@@ -62,24 +50,25 @@ def test_a_sample_whose_votes_disagree_is_answered_again_from_more_frames(left_c
     assert metrics["decided_at/2"] == 0.5 and metrics["decided_at/4"] == 0.5 and metrics["decided_at/8"] == 0.0
 
 
-def test_the_last_round_takes_the_majority(left_clips):
+def test_the_last_round_takes_the_majority(left_video_data):
     vlm = build_tiny_vlm("tiny-qwen3-vl")
     readers = [vlm.use_video(FrameSampling(fps=10, min_frames=4, max_frames=4))]
     engine = ScriptedEngine(vlm, [RIGHT, LEFT, LEFT, LEFT, RIGHT, RIGHT])
-    report = evaluate_frame_scaling(vlm, left_clips, readers, votes=3, loop=AgentLoop(vlm, engine), progress=False)
+    report = evaluate_frame_scaling(vlm, left_video_data, readers, votes=3, loop=AgentLoop(vlm, engine), progress=False)
     assert [p["completion"] for p in report.predictions] == [LEFT, RIGHT]
     assert report.metrics["decided_at/4"] == 1.0 and report.metrics["mean_frames"] == 4.0
 
 
-def test_eval_cli_scales_frames(left_clips, tmp_path, capsys):
-    code = main(["eval", "tiny-qwen3-vl", "--data", str(left_clips), "--frame-scaling", "2,4", "--votes", "2",
+def test_eval_cli_scales_frames(left_video_data, tmp_path, capsys):
+    code = main(["eval", "tiny-qwen3-vl", "--data", str(left_video_data), "--frame-scaling", "2,4", "--votes", "2",
                  "--max-new-tokens", "4", "--out", str(tmp_path / "report")])
     assert code == 0
     metrics = json.loads((tmp_path / "report" / "eval.json").read_text())["metrics"]
     assert metrics["decided_at/2"] + metrics["decided_at/4"] == pytest.approx(1.0)
     assert 2.0 <= metrics["mean_frames"] <= 4.0 and metrics["samples"] == 2
     with pytest.raises(SystemExit):
-        main(["eval", "tiny-qwen3-vl", "--data", str(left_clips), "--frame-scaling", "8,4"])
+        main(["eval", "tiny-qwen3-vl", "--data", str(left_video_data), "--frame-scaling", "8,4"])
     assert "frame counts must grow" in capsys.readouterr().err
-    assert main(["eval", "tiny-qwen3-vl", "--data", str(left_clips), "--frame-scaling", "2,4", "--votes", "1"]) == 2
+    data = str(left_video_data)
+    assert main(["eval", "tiny-qwen3-vl", "--data", data, "--frame-scaling", "2,4", "--votes", "1"]) == 2
     assert "--votes >= 2" in capsys.readouterr().err

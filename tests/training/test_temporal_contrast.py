@@ -42,19 +42,6 @@ def test_shuffled_frames_keep_times_and_change_order(tmp_path, make_video):
     np.testing.assert_array_equal(shuffle_frames(clip, "seed").frames, mixed.frames)  # fixed by the seed
 
 
-@pytest.fixture
-def left_data(tmp_path, make_video):
-    """Two video prompts whose answer is "left"."""
-    lines = []
-    for i in range(2):
-        make_video(tmp_path / f"v{i}.mp4", frames=16)
-        lines.append(json.dumps({"id": f"s{i}", "videos": [f"v{i}.mp4"], "prompt": "Which way?", "answer": "left",
-                                 "choices": ["left", "right"]}))
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 class RecordingEngine(ScriptedEngine):
     """The scripted engine, keeping the video pixels of every prompt batch it is given."""
 
@@ -82,10 +69,10 @@ def _sample_once(data_path, completions):
     return batch, engine
 
 
-def test_the_second_group_sees_shuffled_frames_and_pays_the_ordered_group(left_data):
+def test_the_second_group_sees_shuffled_frames_and_pays_the_ordered_group(left_video_data):
     left, right = "<answer>left</answer>", "<answer>right</answer>"
     # ordered rows: prompt 0 both right, prompt 1 half right; shuffled rows: prompt 0 half, prompt 1 all
-    batch, engine = _sample_once(left_data, [left, left, left, right, left, right, left, left])
+    batch, engine = _sample_once(left_video_data, [left, left, left, right, left, right, left, left])
     ordered_pixels, shuffled_pixels = engine.videos
     assert ordered_pixels.shape == shuffled_pixels.shape and not torch.equal(ordered_pixels, shuffled_pixels)
     part = batch.parts[0]
@@ -97,10 +84,10 @@ def test_the_second_group_sees_shuffled_frames_and_pays_the_ordered_group(left_d
         {"temporal/ordered_accuracy": 0.75, "temporal/shuffled_accuracy": 0.75, "temporal/bonus_groups": 0.5})
 
 
-def test_grpo_logs_the_temporal_reward_and_refuses_image_data(tmp_path, left_data, capsys):
+def test_grpo_logs_the_temporal_reward_and_refuses_image_data(tmp_path, left_video_data, capsys):
     left = "<think>It moves.</think><answer>left</answer>"
     config = {"seed": 0, "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": "tiny-qwen3-vl"},
-              "data": {"train": str(left_data)}, "video": {"fps": 10, "min_frames": 4, "max_frames": 4},
+              "data": {"train": str(left_video_data)}, "video": {"fps": 10, "min_frames": 4, "max_frames": 4},
               "logging": {"tensorboard": False, "progress": False},
               "stages": [{"kind": "grpo", "optim": {"learning_rate": 1e-3, "max_steps": 1, "batch_size": 2},
                           "rollout": {"num_generations": 2, "max_new_tokens": 24, "engine": "scripted",
@@ -130,7 +117,7 @@ def test_grpo_logs_the_temporal_reward_and_refuses_image_data(tmp_path, left_dat
     assert main(["train", str(path)]) == 2
     assert "has no videos; remove algorithm.temporal_reward" in capsys.readouterr().err
     config["stages"][0]["algorithm"]["temporal_reward"] = "numeric"
-    config["data"]["train"] = str(left_data)
+    config["data"]["train"] = str(left_video_data)
     config["output_dir"] = str(tmp_path / "numeric")
     path.write_text(yaml.safe_dump(config))
     assert main(["train", str(path)]) == 2
