@@ -285,7 +285,7 @@ def test_eval_with_tools_reports_the_tool_use(tmp_path, capsys):
 
     data, _ = synthesize_zoom(tmp_path / "zoom", n=3, canvas=256, progress=False)
     code, out, _ = run(capsys, "eval", "tiny-qwen3-vl", "--data", str(data), "--tools", "crop", "--max-new-tokens",
-                       "8", "--out", str(tmp_path / "report"))
+                       "8", "--memory-window", "1", "--out", str(tmp_path / "report"))
     assert code == 0
     for metric in ("tool_call_rate", "invalid_call_rate", "turns_per_sample", "accuracy"):
         assert metric in out
@@ -296,6 +296,9 @@ def test_eval_with_an_unknown_tool_fails_before_loading_a_model(data_dir, capsys
     code, _, err = run(capsys, "eval", "no/such-model", "--data", str(data_dir / "grounding.jsonl"), "--tools", "corp")
     assert code == 2
     assert "unknown tool 'corp'; did you mean crop?" in err
+    code, _, err = run(capsys, "eval", "no/such-model", "--data", str(data_dir / "grounding.jsonl"),
+                       "--memory-window", "2")
+    assert code == 2 and "--memory-window holds the images tools return; add --tools" in err
 
 
 def test_eval_reads_videos_as_the_flags_say(tmp_path, capsys):

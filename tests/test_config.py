@@ -363,6 +363,7 @@ def test_value_checks_name_the_key(override, key):
     ("grpo.rewards.iou.weight=.inf", "stages[grpo].rewards.iou.weight"),
     ("data.max_tokens=0", "stages[sft].data.max_tokens"),
     ("model.lora.dropout=1.0", "stages[sft].model.lora.dropout"),
+    ("agent.memory_window=0", "stages[sft].agent.memory_window"),
 ])
 def test_out_of_range_values_name_the_key_and_the_value(override, key):
     message = error(two_stages(), override)
@@ -373,6 +374,13 @@ def test_optional_limits_accept_null():
     sft = load(two_stages(), "data.max_samples=null", "data.max_tokens=null", "algorithm.reward_timeout_s=null",
                "save.every=0", "logging.rollouts_every=0").stages[0]
     assert sft.data.max_samples is None and sft.data.max_tokens is None and sft.save.every == 0
+
+
+def test_the_memory_window_needs_tool_mode():
+    assert error(two_stages(), "agent.memory_window=2").startswith(
+        "stages[sft].agent.memory_window: the visual memory window holds tool images; it needs agent.mode: tools")
+    tools = load(two_stages(), "agent.mode=tools", "agent.tools=[select_frames]", "agent.memory_window=2")
+    assert tools.stages[1].agent.memory_window == 2
 
 
 def test_duplicate_stage_names():

@@ -200,11 +200,14 @@ def run_eval(args: argparse.Namespace) -> int:
     agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
     _quiet_transformers()
     sampling = FrameSampling(fps=args.video_fps, min_frames=args.video_min_frames, max_frames=args.video_max_frames)
+    if args.memory_window and not args.tools:
+        raise ValueError("--memory-window holds the images tools return; add --tools (e.g. --tools select_frames)")
     if args.frame_scaling and (args.votes < 2 or not args.temperature > 0):
         raise ValueError(f"--frame-scaling compares sampled answers: use --votes >= 2 (got {args.votes}) and "
                          f"--temperature > 0 (got {args.temperature})")
     vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
-    loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=args.max_turns, max_tokens=args.max_tokens)
+    loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                     memory_window=args.memory_window)
     if args.frame_scaling:
         readers = [vlm.use_video(replace(sampling, min_frames=count, max_frames=count), args.video_max_pixels)
                    for count in args.frame_scaling]
@@ -306,6 +309,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-turns", type=_positive_int, default=3, help="model turns with --tools (default 3)")
     evaluate.add_argument("--max-tokens", type=_positive_int, default=1024,
                           help="tokens after the prompt with --tools/--grounding (default 1024)")
+    evaluate.add_argument("--memory-window", type=_positive_int,
+                          help="tool images in view at once with --tools (older ones leave the view; default: all)")
     evaluate.add_argument("--video-fps", type=float, default=2.0,
                           help="video frames taken per second of a clip (as the config's video.fps; default 2)")
     evaluate.add_argument("--video-min-frames", type=_positive_int, default=4, help="video.min_frames (default 4)")

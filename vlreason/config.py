@@ -154,6 +154,9 @@ class AgentConfig:
     max_images: int = 4  # images all observations of a trajectory may show
     max_tokens: int = 1024  # tokens after the prompt: model turns and observations together
     grounding_prompt: str = "Here is the region you selected. Answer the question."
+    # tool images in view at once (VR-Thinker's visual memory window): older calls' images leave the
+    # view with a note (their tokens stay, unattended); null: all stay in view
+    memory_window: int | None = None
 
 
 @dataclass
@@ -362,6 +365,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("agent.max_turns", _positive, "must be >= 1"),
     ("agent.max_images", _non_negative, "must be >= 0"),
     ("agent.max_tokens", _positive, "must be >= 1"),
+    ("agent.memory_window", _positive, "must be >= 1 image, or null to keep every image in view"),
     ("algorithm.num_iterations", _positive, "must be >= 1"),
     ("algorithm.max_refill_tries", _non_negative, "must be >= 0"),
     ("algorithm.reward_timeout_s", _positive, "must be > 0 seconds, or null for no limit"),
@@ -395,6 +399,9 @@ def _validate_agent(agent: AgentConfig, where: str) -> None:
                           "agent.mode: tools (or remove agent.tools)")
     if agent.mode is AgentMode.GROUNDING and agent.max_images < 1:
         raise ConfigError(f"{where}.max_images: grounding shows one crop; use >= 1")
+    if agent.memory_window is not None and agent.mode is not AgentMode.TOOLS:
+        raise ConfigError(f"{where}.memory_window: the visual memory window holds tool images; it needs agent.mode: "
+                          f"tools (mode is {agent.mode.value}), or set memory_window: null")
 
 
 def _validate_grpo(stage: StageConfig, where: str) -> None:

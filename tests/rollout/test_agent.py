@@ -5,13 +5,14 @@ the training forward's)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from vlreason.data.batch import Media
-from vlreason.models.prefix import CompletionScorer
+from vlreason.models.prefix import CompletionScorer, completion_logprobs, full_hidden
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.rl import LossAggregation, policy_loss
 from vlreason.rollout import (
@@ -100,7 +101,8 @@ def test_a_scripted_three_turn_trajectory_token_by_token(vlm):
     assert [out.ids[0, a:b].tolist() for a, b in spans] == model
     assert [c["name"] for c in out.tool_calls[0]] == ["crop", None]
     assert out.tool_calls[0][0]["error"] is None and "JSON" in error or "json" in error
-    assert out.reward_columns() == {"tool_calls": out.tool_calls, "tool_errors": [1], "turns": [3], "images_seen": [1]}
+    assert out.reward_columns() == {"tool_calls": out.tool_calls, "tool_errors": [1], "turns": [3], "images_seen": [1],
+                                    "images_dropped": [0]}
 
 
 def test_tool_output_tokens_are_outside_the_loss(vlm):
@@ -229,3 +231,76 @@ def test_hf_multi_turn_sampling_logprobs_equal_the_training_forward(preset, devi
 def test_an_impossible_crop_is_a_crop_error():
     with pytest.raises(CropError):
         crop_region(scene(), (10.0, 10.0, 5.0, 5.0), build_tiny_vlm("tiny-qwen2-vl").resize)
+
+
+class Writes:
+    """A hook on the LM head: while ``session`` samples its first ``len(turns)`` turns, every row
+    writes that turn's tokens; later turns are free. Vision tokens are ruled out in every pass,
+    as the sampler rules them out, so sampling and scoring see one distribution."""
+
+    def __init__(self, vlm, turns: list[list[int]]):
+        self.turns, self.session, self.step = turns, None, 0
+        self.never = vlm.adapter.suppress_token_ids(vlm.tokenizer)
+
+    def attach(self, engine):
+        """Follow the sessions ``engine`` starts (the step count restarts with every turn)."""
+        start = engine.start
+
+        def started(prompts, params):
+            self.session = session = start(prompts, params)
+            sample = session.sample
+            session.sample = lambda budgets: setattr(self, "step", 0) or sample(budgets)
+            return session
+
+        engine.start = started
+        return engine
+
+    def __call__(self, module, args, output):
+        output[..., self.never] = -1e9
+        if self.session is not None and self.session.turn < len(self.turns):
+            written = self.turns[self.session.turn]
+            output[..., written[min(self.step, len(written) - 1)]] = 1e9
+            self.step += 1
+        return output
+
+
+@pytest.mark.parametrize(("preset", "device"), [("tiny-qwen2-vl", "cpu"), ("tiny-qwen3-vl", "cpu"),
+                                                pytest.param("tiny-qwen2.5-vl", "cuda", marks=pytest.mark.gpu)])
+def test_images_out_of_the_memory_window_are_out_of_view_in_sampling_and_scoring(preset, device):
+    """Three crops through a one-image window: each call takes the previous crop out of view. The
+    free last turn's sampling log-probs are what both training forwards give (the cached one cut
+    at the window's changes, and the one-pass one with a 4-D mask), and differ from scoring the
+    same tokens with every crop still in view."""
+    vlm = build_tiny_vlm(preset, seed=0)
+    vlm.model.to(device).eval()
+    eos = [vlm.tokenizer.eos_token_id]
+    calls = [call("crop", bbox_2d=box) for box in ([0, 0, 100, 80], [100, 0, 200, 80], [0, 80, 100, 160])]
+    hook = Writes(vlm, [tokens(vlm, text) + eos for text in calls])
+    agent = ToolAgent([get_tool("crop")])
+    prompts = encode_prompts(vlm, [QUESTION, QUESTION], [Media([scene()]), Media([scene().rotate(90, expand=True)])],
+                             agent.schemas())
+    handle = vlm.model.lm_head.register_forward_hook(hook)
+    try:
+        loop = AgentLoop(vlm, hook.attach(HFEngine(vlm)), agent, max_turns=4, max_tokens=4000, memory_window=1)
+        out = loop.run(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=40, seed=0))
+        hook.session = None
+        with torch.no_grad():
+            continuation = out.continuation(slice(0, 4)).to(device)
+            cached, _ = CompletionScorer(vlm.model, 1.0)(prompts.inputs.to(device), continuation, 2, [1, 1])
+            inputs = prompts.inputs.to(device)
+            one_pass, _ = completion_logprobs(vlm.model, full_hidden(vlm.model, inputs, continuation, 2, [1, 1]),
+                                              continuation.input_ids)
+            in_view, _ = CompletionScorer(vlm.model, 1.0)(inputs, replace(continuation, hidden=None), 2, [1, 1])
+    finally:
+        handle.remove()
+    assert [call["error"] for row in out.tool_calls for call in row] == [None] * 12
+    assert out.reward_columns()["images_dropped"] == [2] * 4
+    text = AgentLoop(vlm, None).decode(out.ids[0].tolist())
+    assert text.count("Out of view now") == 2 and 'crop {"bbox_2d": [100, 0, 200, 80]}' in text
+    last = torch.zeros_like(out.loss_mask, dtype=torch.bool)  # the free turn
+    for row, spans in enumerate(out.turns):
+        assert len(spans) == 4
+        last[row, spans[-1][0]:spans[-1][1]] = True
+    torch.testing.assert_close(out.logprobs[last], cached.cpu()[last], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(one_pass.cpu()[last], cached.cpu()[last], atol=2e-4, rtol=1e-4)
+    assert float((in_view.cpu()[last] - cached.cpu()[last]).abs().max()) > 1e-3

@@ -79,3 +79,26 @@ def test_a_trajectory_selects_frames_of_its_prompt_video(clip):
     assert trajectories.reward_columns()["images_seen"] == [4]
     assert trajectories.pixels[0]["image_grid_thw"].shape == (4, 3)  # the frames reach the training forward
     assert trajectories.texts == ["<answer>left</answer>"]
+
+
+def test_frames_past_the_memory_window_leave_the_view_with_a_note(clip):
+    """A four-image window: the third call's two frames push the first call's two out of view;
+    a call for more frames than the window holds is refused."""
+    vlm = build_tiny_vlm("tiny-qwen2.5-vl")
+    reader = vlm.use_video(FrameSampling(fps=2, min_frames=4, max_frames=4))
+    question = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which way?"}]}]
+    agent = ToolAgent([get_tool("select_frames", max_frames=8)])
+    prompts = encode_prompts(vlm, [question], [Media([], [reader(clip.path)])], agent.schemas())
+    calls = [{"name": "select_frames", "arguments": {"frames": frames}} for frames in ([0, 1], [2, 3], [4, 5],
+                                                                                          [6, 7, 8, 9, 10])]
+    scripts = [[f"<tool_call>\n{json.dumps(call)}\n</tool_call>" for call in calls] + ["<answer>left</answer>"]]
+    out = AgentLoop(vlm, ScriptedEngine(vlm, scripts), agent, max_turns=5, max_images=16, memory_window=4).run(
+        prompts, SamplingParams(max_new_tokens=64))
+    assert [call["error"] for call in out.tool_calls[0][:3]] == [None] * 3
+    assert "returned 5 image(s) but only 4 more fit" in out.tool_calls[0][3]["error"]
+    assert out.reward_columns()["images_seen"] == [6] and out.reward_columns()["images_dropped"] == [2]
+    first_frames = vlm.adapter.image_spans(out.ids[0].tolist(), vlm.tokenizer)[:2]
+    assert [(span.start, span.stop) for span in out.hidden[0]] == first_frames
+    text = vlm.tokenizer.decode(out.ids[0, out.hidden[0][0].since:])
+    assert text.index("Frames 4 (") < text.index('Out of view now, the visual memory holds 4 images: the images of '
+                                                  'select_frames {"frames": [0, 1]}. Call again to see them.')

@@ -67,6 +67,27 @@ def test_grpo_on_tool_trajectories_moves_towards_the_rewarded_one(tmp_path, data
     assert moved[best] > moved[worst]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grpo_through_a_memory_window_moves_towards_the_rewarded_one(tmp_path, data, checkpointing):
+    """Two zooms through a one-image window (the second takes the first out of view): the step
+    logs the dropped images, and the update (the cached forward cut at the window's change, or the
+    checkpointed one-pass forward with its 4-D mask) favours the rewarded trajectory."""
+    scripts = [[ZOOM, ZOOM, f"<answer>{colour}</answer>"] for colour in DOT_COLOURS]
+    grpo = trainer(tmp_path, data, scripts, rollout={"num_generations": 4}, agent={"memory_window": 1},
+                   optim={"gradient_checkpointing": checkpointing, "micro_batch_size": 2})
+    batch = grpo.sampler.sample(grpo.stream, 2, seed=0, dynamic=False, max_refills=0)
+    part = batch.parts[0]
+    assert part.trajectories.reward_columns()["images_dropped"] == [1] * 8
+    before = model_logprobs(grpo, part)
+    micros = grpo._micro_batches(batch)
+    grpo.model.train()
+    stats = grpo._update(micros, [grpo._loss_mask(micro) for micro in micros], None, None)
+    assert not stats.skipped and stats.grad_norm > 0
+    moved = model_logprobs(grpo, part) - before
+    assert moved[int(part.advantages.argmax())] > moved[int(part.advantages.argmin())]
+    assert grpo.step()["tools/images_dropped_per_sample"] == 1.0
+
+
 def test_grpo_step_logs_the_tool_use(tmp_path, data):
     scripts = [[ZOOM, "<answer>red</answer>"], ['<tool_call>{"name": "paint"}</tool_call>', "<answer>x</answer>"]]
     values = trainer(tmp_path, data, scripts).step()

@@ -13,6 +13,8 @@ from vlreason.config import ConfigError, load_config
 from vlreason.data.jsonl import DataError
 from vlreason.data.synth import synthesize
 from vlreason.models.vlm import build_tiny_vlm
+from vlreason.rollout import ScriptedEngine
+from vlreason.rollout.engine import ENGINES
 from vlreason.training.preflight import fit_length, stage_inputs
 from vlreason.vision import video_backends
 
@@ -51,6 +53,27 @@ def test_video_samples_need_a_decoder_and_the_hf_engine(data, tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"video: need fps > 0 .* \(keys video.fps"):
         stage_inputs(load_config(None, raw={"output_dir": str(tmp_path / "runs"), "data": {"train": str(path)},
                                             "video": {"fps": 0}, "stages": [{"kind": "sft"}]}).stages[0])
+
+
+@ENGINES.register("tests-append-only")
+class AppendOnlyEngine(ScriptedEngine):
+    hides_tokens = False
+
+
+def test_the_memory_window_needs_an_engine_that_hides_tokens(data, tmp_path):
+    def grpo(**sections):
+        entry = {"kind": "grpo", "rewards": {"iou": {}},
+                 "agent": {"mode": "tools", "tools": ["crop"], "memory_window": 1}, **sections}
+        return load_config(None, raw={"output_dir": str(tmp_path / "runs"), "data": {"train": str(data)},
+                                      "stages": [entry]}).stages[0]
+
+    assert stage_inputs(grpo()).agent is not None  # the HF engine hides them
+    with pytest.raises(ConfigError, match=r"stages\[grpo\]\.agent\.memory_window: the rollout engine "
+                                          r"'tests-append-only' cannot take images out of view; set rollout.engine=hf"):
+        stage_inputs(grpo(rollout={"engine": "tests-append-only", "engine_options": {"completions": ["x"]}}))
+    with pytest.raises(ConfigError, match=r"memory_window with optim.gradient_checkpointing needs "
+                                          r"model.attn_implementation sdpa or eager, not flash_attention_2"):
+        stage_inputs(grpo(optim={"gradient_checkpointing": True}, model={"attn_implementation": "flash_attention_2"}))
 
 
 def test_a_prompt_longer_than_max_tokens_stops_or_is_skipped(data, tmp_path):

@@ -65,7 +65,7 @@ STRUCTURE_FIELDS = ("id", "messages", "prompt", "response", "system", "images", 
 # Names the reward scorer fills in itself; a data column must not shadow them.
 RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "pred_answer", "pred_think", "pred_boxes",
                     "image_sizes", "video_paths", "trainer_state", "tool_calls", "tool_errors", "turns",
-                    "images_seen")
+                    "images_seen", "images_dropped")
 ROLES = ("system", "user", "assistant", "tool")
 # Qwen-VL's vision tokens: the processor writes them around image and video pixels; never text
 # (data is refused with them, sampling suppresses them)

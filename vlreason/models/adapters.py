@@ -250,6 +250,21 @@ class FamilyAdapter:
         types[input_ids == video_id] = 2
         return types
 
+    def image_spans(self, ids: Sequence[int], tokenizer: Any) -> list[tuple[int, int]]:
+        """``(start, stop)`` token spans of the images in ``ids`` (placeholders expanded), in order:
+        each from its ``<|vision_start|>`` through its ``<|vision_end|>``."""
+        start_id, pad_id, end_id = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>",
+                                                                    "<|vision_end|>"])
+        spans, opened = [], None
+        for index, token in enumerate(ids):
+            if token == start_id:
+                opened = index
+            elif token == end_id and opened is not None:
+                if pad_id in ids[opened + 1:index]:
+                    spans.append((opened, index + 1))
+                opened = None
+        return spans
+
 
 def _render_parts(content: str | Sequence[dict[str, Any]], text_only: bool = False) -> str:
     if isinstance(content, str):

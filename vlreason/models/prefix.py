@@ -17,13 +17,20 @@ from the model's own ``get_rope_index``: for the prompt directly, for fed tokens
 piece, shifted one past the row's largest position so far (its positions count from the start of
 the piece, so the shift gives exactly what one pass over the whole sequence gives); text takes
 one position per token on all three axes and padding none.
+
+A continuation may hide some of its own tokens from the tokens after a point (``HiddenSpan``:
+the agent's visual memory window takes older observation images out of view). Tokens fed before
+that point were computed seeing them, tokens after it attend past them, and the hidden tokens keep
+their cache entries and rotary positions: sampling zeroes their attention-mask columns
+(``SharedPrefix.hide``), scoring feeds the continuation in pieces cut at those points
+(``completion_hidden``) or runs one forward with a 4-D mask saying the same (``full_hidden``).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -76,6 +83,12 @@ class SharedPrefix:
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
         return self
+
+    def hide(self, row: int, start: int, stop: int) -> None:
+        """Tokens fed from now on do not attend to cache columns ``start .. stop - 1`` of ``row``
+        (what was computed from them stays)."""
+        self.attention_mask = self.attention_mask.clone()
+        self.attention_mask[row, start:stop] = 0
 
     def feed_hidden(self, tokens: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                     image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,6 +179,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -logp.exp().mul_(logp).sum(dim=-1)  # one [N, T, V] temporary besides logp
 
 
+class HiddenSpan(NamedTuple):
+    """Continuation tokens ``start .. stop - 1`` of a row are out of view for its tokens from
+    ``since`` on (``since >= stop``)."""
+
+    start: int
+    stop: int
+    since: int
+
+
 @dataclass
 class Continuation:
     """What follows N prompts: the tokens of model turns and of the observations between them,
@@ -175,6 +197,7 @@ class Continuation:
         input_ids / attention_mask: ``[N, T]``.
         pixel_values / image_grid_thw: ``[P, D]`` / ``[I, 3]`` in row order, or None without images.
         images_per_row: N image counts (which images belong to which row).
+        hidden: per row, the spans its later tokens do not see (empty lists, or None: none).
     """
 
     input_ids: torch.Tensor
@@ -182,12 +205,34 @@ class Continuation:
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     images_per_row: list[int] | None = None
+    hidden: list[list[HiddenSpan]] | None = None
 
     def to(self, device: torch.device | str) -> Continuation:
         moved = {name: None if value is None else value.to(device) for name, value in (
             ("input_ids", self.input_ids), ("attention_mask", self.attention_mask),
             ("pixel_values", self.pixel_values), ("image_grid_thw", self.image_grid_thw))}
-        return Continuation(**moved, images_per_row=self.images_per_row)
+        return Continuation(**moved, images_per_row=self.images_per_row, hidden=self.hidden)
+
+    @property
+    def cuts(self) -> list[int]:
+        """Sorted token indices where some row's view changes (the ``since`` of its hidden spans)."""
+        return sorted({span.since for spans in self.hidden or [] for span in spans})
+
+    def piece(self, start: int, stop: int, image_token_id: int) -> Continuation:
+        """Tokens ``start .. stop - 1`` of every row with the pixels of the images among them
+        (an image must lie wholly inside or outside the piece)."""
+        ids, mask = self.input_ids[:, start:stop], self.attention_mask[:, start:stop]
+        if self.image_grid_thw is None:
+            return Continuation(ids, mask)
+        is_image = self.input_ids == image_token_id
+        first = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))  # [N, T] each image's first token
+        before, inside = first[:, :start].sum(dim=1).tolist(), first[:, start:stop].sum(dim=1).tolist()
+        rows = _split_images(self.pixel_values, self.image_grid_thw, self.images_per_row)
+        chosen = [image for row, images in enumerate(rows) for image in images[before[row]:before[row] + inside[row]]]
+        if not chosen:
+            return Continuation(ids, mask, images_per_row=inside)
+        return Continuation(ids, mask, torch.cat([pixels for pixels, _ in chosen]),
+                            torch.stack([grid for _, grid in chosen]), inside)
 
 
 def completion_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
@@ -202,8 +247,18 @@ def completion_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict
         ``[B * G, T, H]``.
     """
     prefix = SharedPrefix(model, prompt_inputs).repeat(group_size)
-    return prefix.feed_hidden(continuation.input_ids, continuation.attention_mask, continuation.pixel_values,
-                              continuation.image_grid_thw)
+    width = prefix.attention_mask.shape[1]  # continuation token t sits in cache column width + t
+    bounds = [0, *continuation.cuts, continuation.input_ids.shape[1]]
+    pieces = []
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        for row, spans in enumerate(continuation.hidden or []):
+            for span in spans:
+                if span.since == start:
+                    prefix.hide(row, width + span.start, width + span.stop)
+        piece = continuation.piece(start, stop, model.config.image_token_id)
+        pieces.append(prefix.feed_hidden(piece.input_ids, piece.attention_mask, piece.pixel_values,
+                                         piece.image_grid_thw))
+    return torch.cat(pieces, dim=1)
 
 
 def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],
@@ -236,8 +291,34 @@ def full_hidden(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, 
     if pieces:
         inputs["pixel_values"] = torch.cat([pixels for pixels, _ in pieces])
         inputs["image_grid_thw"] = torch.stack([grid for _, grid in pieces])
+    if continuation.cuts:  # some tokens are out of view of later ones: say who sees what in a 4-D mask
+        inputs["position_ids"] = rope_positions(model, input_ids, inputs["attention_mask"],
+                                                inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                                inputs.get("second_per_grid_ts"))
+        inputs["attention_mask"] = _visibility(model, inputs["attention_mask"], prompt_len, continuation.hidden)
     hidden = _vl_core(model)(**inputs, use_cache=False)[0]  # [B * G, Lp + T, H]
     return hidden[:, prompt_len - 1: prompt_len - 1 + continuation.input_ids.shape[1]]
+
+
+def _visibility(model: PreTrainedModel, attention_mask: torch.Tensor, prompt_len: int,
+                hidden: list[list[HiddenSpan]]) -> torch.Tensor:
+    """``[R, 1, L, L]`` which keys each query attends to (causal, real keys only, hidden spans out of
+    view from their ``since`` on), in the form the attention implementation takes: boolean for
+    SDPA, additive for eager. A query on padding sees itself, so no row is empty."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"hidden continuation spans need attn_implementation sdpa or eager, not {implementation}")
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]  # [R, L, L]
+    for row, spans in enumerate(hidden):
+        for span in spans:
+            allowed[row, prompt_len + span.since:, prompt_len + span.start:prompt_len + span.stop] = False
+    allowed |= torch.eye(length, dtype=torch.bool, device=allowed.device)
+    if implementation == "sdpa":
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(model.dtype).min)[:, None]
 
 
 def _repeated_videos(model: PreTrainedModel, prompt_inputs: BatchFeature | dict[str, torch.Tensor],

@@ -10,6 +10,12 @@ that stop leave the batch. Budgets: model turns (``max_turns``), observation ima
 together). A trajectory ends cleanly with its reason (``StopReason``): the model answered, a turn
 ran out of tokens, the turn budget was spent, or the next observation would overflow the token budget.
 
+The visual memory window (``memory_window``, VR-Thinker): at most that many observation images
+are in view. When new ones would overflow it, the images of the oldest calls leave the view —
+their tokens stay in the sequence, but the new observation and everything after it no longer
+attend to them (``EncodedObservation.hide``, ``Trajectories.hidden``) — and the new observation
+says which calls' images went and that calling again shows them.
+
 Agents never raise on model output: malformed calls, unknown tools, bad arguments and tool
 exceptions become error observations the model reads, recorded in the trajectory's tool trace
 (``Trajectories.tool_calls``) and counted in the logs.
@@ -29,6 +35,7 @@ from PIL import Image
 
 from vlreason.data.schema import Message
 from vlreason.models.adapters import silent_special_ids
+from vlreason.models.prefix import HiddenSpan
 from vlreason.models.vlm import VLM
 from vlreason.rewards.parsing import find_boxes, to_canonical
 from vlreason.rollout.engine import (
@@ -51,7 +58,7 @@ IMAGE_PART = {"type": "image"}
 @dataclass
 class Observation:
     """What the model sees after a turn: messages (tool replies, or a user turn) whose image parts
-    take ``images`` in order, and the record of each tool call behind them."""
+    take ``images`` in order, and the record of each tool call behind them (message i answers call i)."""
 
     messages: list[Message]
     images: list[Image.Image] = field(default_factory=list)
@@ -120,7 +127,7 @@ class ToolAgent:
             return [], None, f"{tool.name} failed: {type(exc).__name__}: {exc}"
         if len(result.images) > images_left:
             return [], None, (f"{tool.name} returned {len(result.images)} image(s) but only {images_left} more fit "
-                              "this conversation; answer from what you have seen")
+                              "this conversation; ask for fewer, or answer from what you have seen")
         return list(result.images), result.text or None, None
 
 
@@ -187,6 +194,8 @@ class _Row:
     last_turn: list[int] = field(default_factory=list)
     stop: StopReason | None = None
     has_logprobs: bool = True
+    in_view: list[tuple[dict[str, Any], list[tuple[int, int]]]] = field(default_factory=list)  # calls, image spans
+    hidden: list[HiddenSpan] = field(default_factory=list)
 
     def add_turn(self, turn: ModelTurn) -> None:
         self.turns.append((len(self.ids), len(self.ids) + len(turn.ids)))
@@ -216,19 +225,25 @@ class AgentLoop:
         max_images: images all observations of a trajectory may show.
         max_tokens: tokens after the prompt (model turns and observations); None: no limit
             beyond ``SamplingParams.max_new_tokens`` per turn. Without an agent only that applies.
+        memory_window: observation images in view at once (None: all); needs an engine with
+            ``hides_tokens``.
     """
 
     def __init__(self, vlm: VLM, engine: RolloutEngine, agent: Agent | None = None, max_turns: int = 1,
-                 max_images: int = 4, max_tokens: int | None = None):
+                 max_images: int = 4, max_tokens: int | None = None, memory_window: int | None = None):
         if max_turns < 1 or max_images < 0 or (max_tokens is not None and max_tokens < 1):
             raise ValueError(f"need max_turns >= 1, max_images >= 0 and max_tokens >= 1 (got {max_turns}, "
                              f"{max_images}, {max_tokens})")
+        if memory_window is not None and (memory_window < 1 or not getattr(engine, "hides_tokens", False)):
+            raise ValueError(f"memory_window {memory_window} needs to be >= 1 and an engine that hides tokens "
+                             f"({type(engine).__name__} does not)")
         self.vlm = vlm
         self.engine = engine
         self.agent = agent
         self.max_turns = max_turns if agent is not None else 1
         self.max_images = max_images
         self.max_tokens = max_tokens if agent is not None else None
+        self.memory_window = memory_window
         self.silent = set(silent_special_ids(vlm.tokenizer))
         self.pad_id = int(vlm.tokenizer.pad_token_id)
         self.observe_s = 0.0  # the last run's time in agents and observation encoding (not the model)
@@ -295,16 +310,57 @@ class AgentLoop:
         started = time.perf_counter()
         context = ToolContext(images=prompts.images[prompt], infos=prompts.infos[prompt], adapter=self.vlm.adapter,
                               resize=self.vlm.resize, clips=prompts.clips[prompt])
-        observation = self.agent.observe(text, context, self.max_images - len(row.images))
+        images_left = self.max_images - len(row.images)
+        if self.memory_window is not None:
+            images_left = min(images_left, self.memory_window)
+        observation = self.agent.observe(text, context, images_left)
         row.calls += observation.calls
+        leaving = self._leaving_view(row, len(observation.images))
+        if leaving:
+            self._say_out_of_view(observation, [call for call, _ in row.in_view[:leaving]])
         rendered = self.vlm.adapter.render_continuation(observation.messages)
         ids, pixels, resized = self.vlm.encode_observation(rendered, observation.images)
         self.observe_s += time.perf_counter() - started
         if self.max_tokens is not None and len(row.ids) + len(ids) >= self.max_tokens:
             row.stop = StopReason.CONTEXT
             return None
+        hide = [span for _, spans in row.in_view[:leaving] for span in spans]
+        row.hidden += [HiddenSpan(start, stop, len(row.ids)) for start, stop in hide]
+        row.in_view = row.in_view[leaving:] + self._calls_in_view(observation, ids, len(row.ids))
         row.add_observation(ids, pixels, observation.images)
-        return EncodedObservation(ids, pixels, resized)
+        return EncodedObservation(ids, pixels, resized, hide)
+
+    def _leaving_view(self, row: _Row, incoming: int) -> int:
+        """How many of the oldest calls in view must leave it for ``incoming`` new images."""
+        if self.memory_window is None or not incoming:
+            return 0
+        in_view, leaving = sum(len(spans) for _, spans in row.in_view), 0
+        while in_view + incoming > self.memory_window:
+            in_view -= len(row.in_view[leaving][1])
+            leaving += 1
+        return leaving
+
+    def _say_out_of_view(self, observation: Observation, calls: list[dict[str, Any]]) -> None:
+        """Tell the model, at the end of ``observation``, which calls' images left its view."""
+        named = "; ".join(f"{call['name']} {json.dumps(call['arguments'])}" for call in calls)
+        note = (f"\n(Out of view now, the visual memory holds {self.memory_window} images: the images of {named}. "
+                "Call again to see them.)")
+        observation.messages[-1] = {**observation.messages[-1],
+                                    "content": [*observation.messages[-1]["content"], {"type": "text", "text": note}]}
+
+    def _calls_in_view(self, observation: Observation, ids: list[int], offset: int
+                       ) -> list[tuple[dict[str, Any], list[tuple[int, int]]]]:
+        """The observation's calls that showed images, each with its images' token spans
+        (counted after the prompt: the observation starts at ``offset``)."""
+        spans = iter(self.vlm.adapter.image_spans(ids, self.vlm.tokenizer))
+        shown = []
+        for call, message in zip(observation.calls, observation.messages, strict=False):
+            content = message["content"]
+            count = sum(part.get("type") == "image" for part in content) if isinstance(content, list) else 0
+            if count:
+                shown.append((call, [(start + offset, stop + offset) for start, stop in
+                                     (next(spans) for _ in range(count))]))
+        return shown
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of model-written token ids without the special tokens that mean nothing in text.
@@ -329,4 +385,5 @@ class AgentLoop:
             pixels=pixels,
             logprobs=torch.tensor(pad([row.logprobs for row in rows], 0.0)) if with_logprobs else None,
             tool_calls=[row.calls for row in rows],
-            images=[row.images for row in rows])
+            images=[row.images for row in rows],
+            hidden=[row.hidden for row in rows])

@@ -14,7 +14,9 @@ Token ids go in and out; nothing is re-tokenised between turns. ``update_weights
 called after every optimizer step (a no-op for an engine that samples from the trained model
 itself). Engines are registered by name (``hf``; ``scripted`` replays given turns, for tests and
 debugging) in the same kind of registry as rewards and tools; an engine that samples from
-prompts with videos says so with the class attribute ``takes_video = True``.
+prompts with videos says so with the class attribute ``takes_video = True``, and one that can take
+earlier observation images out of view (the agent's visual memory window, ``EncodedObservation.
+hide``) with ``hides_tokens = True``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import BatchFeature
 from vlreason.choices import Choice
 from vlreason.data.batch import Media
 from vlreason.data.schema import Message
-from vlreason.models.prefix import Continuation
+from vlreason.models.prefix import Continuation, HiddenSpan
 from vlreason.models.vlm import VLM
 from vlreason.registry import Registry
 from vlreason.vision.images import ImageInfo
@@ -105,11 +107,14 @@ class ModelTurn:
 class EncodedObservation:
     """An observation as engines take it: its token ids (image placeholders expanded), the pixel
     inputs of its images (``pixel_values`` ``[P, D]`` / ``image_grid_thw`` ``[I, 3]``; empty
-    without images) and the images themselves at model-input size (for engines that encode them)."""
+    without images), the images themselves at model-input size (for engines that encode them),
+    and the ``(start, stop)`` spans of the row's earlier tokens (counted after the prompt) that
+    this observation and everything after it no longer see."""
 
     ids: list[int]
     pixels: dict[str, torch.Tensor]
     images: list[Image.Image]
+    hide: list[tuple[int, int]] = field(default_factory=list)
 
 
 class EngineSession(Protocol):
@@ -124,7 +129,7 @@ class EngineSession(Protocol):
         ...
 
     def extend(self, observations: Sequence[EncodedObservation]) -> None:
-        """Append an observation to every running row."""
+        """Append an observation to every running row (taking its ``hide`` spans out of view first)."""
         ...
 
     def close(self) -> None:
@@ -174,6 +179,7 @@ class Trajectories:
         tool_calls: per row, one record per tool call: ``name``, ``arguments``, ``error`` (None
             when it ran).
         images: per row, the images its observations showed (model-input size).
+        hidden: per row, the spans of ``ids`` its later tokens do not see (the visual memory window).
     """
 
     ids: torch.Tensor
@@ -186,11 +192,13 @@ class Trajectories:
     logprobs: torch.Tensor | None = None
     tool_calls: list[list[dict[str, Any]]] = field(default_factory=list)
     images: list[list[Image.Image]] = field(default_factory=list)
+    hidden: list[list[HiddenSpan]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rows = self.ids.shape[0]
         self.tool_calls = self.tool_calls or [[] for _ in range(rows)]
         self.images = self.images or [[] for _ in range(rows)]
+        self.hidden = self.hidden or [[] for _ in range(rows)]
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -212,7 +220,7 @@ class Trajectories:
         return Trajectories(self.ids[index], self.attention_mask[index], self.loss_mask[index], pick(self.texts),
                             pick(self.stops), pick(self.turns), pick(self.pixels),
                             None if self.logprobs is None else self.logprobs[index], pick(self.tool_calls),
-                            pick(self.images))
+                            pick(self.images), pick(self.hidden))
 
     def without_media(self) -> Trajectories:
         """A copy without observation pixels and images (small enough to send between processes)."""
@@ -220,21 +228,25 @@ class Trajectories:
         return replace(self, pixels=[{} for _ in range(rows)], images=[[] for _ in range(rows)])
 
     def continuation(self, rows: slice) -> Continuation:
-        """The model's input for ``rows``: tokens, attention and the observation images' pixels."""
+        """The model's input for ``rows``: tokens, attention, the observation images' pixels and
+        the spans out of view."""
         pixels = [p for p in self.pixels[rows] if p]
         counts = [int(p["image_grid_thw"].shape[0]) if p else 0 for p in self.pixels[rows]]
+        hidden = self.hidden[rows]
         if not pixels:
-            return Continuation(self.ids[rows], self.attention_mask[rows], images_per_row=counts)
+            return Continuation(self.ids[rows], self.attention_mask[rows], images_per_row=counts, hidden=hidden)
         return Continuation(self.ids[rows], self.attention_mask[rows], torch.cat([p["pixel_values"] for p in pixels]),
-                            torch.cat([p["image_grid_thw"] for p in pixels]), counts)
+                            torch.cat([p["image_grid_thw"] for p in pixels]), counts, hidden)
 
     def reward_columns(self) -> dict[str, list[Any]]:
         """What rewards read about each trajectory besides its text: ``tool_calls`` (records),
-        ``tool_errors`` (failed calls), ``turns`` (model turns) and ``images_seen`` (observation images)."""
+        ``tool_errors`` (failed calls), ``turns`` (model turns), ``images_seen`` (observation
+        images) and ``images_dropped`` (those the visual memory window took out of view)."""
         return {"tool_calls": self.tool_calls,
                 "tool_errors": [sum(call["error"] is not None for call in calls) for calls in self.tool_calls],
                 "turns": [len(spans) for spans in self.turns],
-                "images_seen": [len(images) for images in self.images]}
+                "images_seen": [len(images) for images in self.images],
+                "images_dropped": [len(spans) for spans in self.hidden]}
 
 
 def encode_prompts(vlm: VLM, conversations: Sequence[Sequence[Message]], media: Sequence[Media],

@@ -5,7 +5,9 @@ times and the N = B * n rows are decoded together, one token per step, until eve
 produced end-of-sequence or its token budget is spent. ``generate`` with
 ``num_return_sequences`` would encode every image and prompt n times instead. Between turns the
 cache is kept: rows that stop are dropped from it, and an observation (with its images) is fed
-after the turn that called for it, so no row is ever re-encoded.
+after the turn that called for it, so no row is ever re-encoded. Earlier observation images that
+leave the agent's visual memory window stay in the cache with their attention-mask columns
+zeroed: the tokens fed after that do not see them (``models.prefix``).
 
 Random numbers are drawn for every row of the whole draw at every step (``SamplingParams.
 first_row`` / ``total_rows``), and each turn starts from its own seed, so a row samples the same
@@ -31,6 +33,7 @@ class HFEngine:
     """Samples from ``vlm.model`` on whatever device it lives on."""
 
     takes_video = True  # the encoded prompts carry the videos' patches
+    hides_tokens = True  # by zeroing their attention-mask columns
 
     def __init__(self, vlm: VLM):
         self.vlm = vlm
@@ -56,6 +59,8 @@ class HFSession:
         with torch.no_grad():
             self.prefix = SharedPrefix(model, prompts.inputs.to(self.device)).repeat(params.n)
         rows = len(prompts) * params.n
+        self.width = self.prefix.attention_mask.shape[1]  # cache columns of the prompts
+        self.fed = torch.zeros(rows, 0, dtype=torch.long, device=self.device)  # [rows, C] real tokens fed since
         self.rows = torch.arange(rows, device=self.device) + params.first_row  # each row's index in the draw
         self.total_rows = params.total_rows or rows
         self.unfed = torch.full((rows,), -1, device=self.device)  # a sampled token not yet in the cache
@@ -74,7 +79,7 @@ class HFSession:
         steps, logps = [], []
         for step in range(int(budget.max())):
             if step:  # the previous step's tokens, for the rows that sampled one
-                prefix.feed_hidden(steps[-1][:, None], live[:, None].long())
+                self._feed(steps[-1][:, None], live[:, None].long())
             logits = prefix.next_logits().float()  # [rows, V]
             logits[:, self.suppress] = -float("inf")
             token = pick_tokens(logits, params.temperature, params.top_p, generator, (self.rows, self.total_rows))
@@ -96,11 +101,20 @@ class HFSession:
     def keep(self, rows: Sequence[int]) -> None:
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         self.prefix.select(index)
-        self.rows, self.unfed = self.rows[index], self.unfed[index]
+        self.rows, self.unfed, self.fed = self.rows[index], self.unfed[index], self.fed[index]
 
     @torch.no_grad()
     def extend(self, observations: Sequence[EncodedObservation]) -> None:
-        """Feed each row's observation, after the last token of its turn if that is not fed yet."""
+        """Feed each row's observation, after the last token of its turn if that is not fed yet;
+        spans to hide leave the view after that last token and before the observation."""
+        if any(observation.hide for observation in observations):
+            if bool((self.unfed >= 0).any()):
+                self._feed(self.unfed.clamp(min=0)[:, None], (self.unfed >= 0).long()[:, None])
+                self.unfed = torch.full_like(self.unfed, -1)
+            for row, observation in enumerate(observations):
+                columns = self.width + self.fed[row].nonzero().flatten()  # cache column of each token fed so far
+                for start, stop in observation.hide:
+                    self.prefix.hide(row, int(columns[start]), int(columns[stop - 1]) + 1)
         rows = [([int(token)] if token >= 0 else []) + observation.ids
                 for token, observation in zip(self.unfed.tolist(), observations, strict=True)]
         width = max(map(len, rows))
@@ -111,8 +125,13 @@ class HFSession:
         if with_images:
             images = {"pixel_values": torch.cat([p["pixel_values"] for p in with_images]).to(self.device),
                       "image_grid_thw": torch.cat([p["image_grid_thw"] for p in with_images]).to(self.device)}
-        self.prefix.feed_hidden(tokens, mask, **images)
+        self._feed(tokens, mask, **images)
         self.unfed = torch.full_like(self.unfed, -1)
+
+    def _feed(self, tokens: torch.Tensor, mask: torch.Tensor, **images: torch.Tensor) -> None:
+        """Feed ``[rows, T]`` tokens (mask 0 on padding) to the cache and count the real ones."""
+        self.prefix.feed_hidden(tokens, mask, **images)
+        self.fed = torch.cat([self.fed, mask.to(self.fed)], dim=1)
 
     def close(self) -> None:
         """Nothing to free: the cache goes with the session."""

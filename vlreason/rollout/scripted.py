@@ -18,6 +18,7 @@ class ScriptedEngine:
     list of texts, one per turn; a row asked for more turns than its list has repeats the last."""
 
     takes_video = True  # it reads no media at all
+    hides_tokens = True  # nothing to hide: the turns are written already
 
     def __init__(self, vlm: VLM, completions: Sequence[str | Sequence[str]]):
         if not completions:

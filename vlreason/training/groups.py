@@ -46,7 +46,8 @@ def stage_loop(vlm: VLM, stage: StageConfig, agent: Agent | None) -> AgentLoop:
     ``agent`` within the ``agent`` section's budgets (GRPO and evaluation alike)."""
     engine = build_engine(stage.rollout.engine, vlm, **stage.rollout.engine_options)
     budgets = stage.agent
-    return AgentLoop(vlm, engine, agent, budgets.max_turns, budgets.max_images, budgets.max_tokens)
+    return AgentLoop(vlm, engine, agent, budgets.max_turns, budgets.max_images, budgets.max_tokens,
+                     budgets.memory_window)
 
 
 class PromptStream:
@@ -438,8 +439,8 @@ def temporal_stats(groups: Sequence[tuple[float, float, bool]]) -> dict[str, flo
 
 
 def tool_stats(trajectories: Sequence[Trajectories], tool_names: Sequence[str] = ()) -> dict[str, float]:
-    """Turns per trajectory, how trajectories stopped, and tool calls per trajectory, overall and
-    per tool (``tool_names``; a call naming another tool counts as ``unknown``, one that did not
+    """Turns per trajectory, how trajectories stopped, tool calls and images the visual memory
+    window took out of view per trajectory, calls overall and per tool (``tool_names``; a call naming another tool counts as ``unknown``, one that did not
     parse as ``malformed``), with the share that failed (malformed, unknown, bad arguments, errors)."""
     rows = [row for t in trajectories for row in range(len(t))]
     stops = [stop for t in trajectories for stop in t.stops]
@@ -450,6 +451,7 @@ def tool_stats(trajectories: Sequence[Trajectories], tool_names: Sequence[str] =
         return stats
     stats["tools/calls_per_sample"] = len(calls) / len(rows)
     stats["tools/invalid_rate"] = sum(call["error"] is not None for call in calls) / len(calls)
+    stats["tools/images_dropped_per_sample"] = sum(len(spans) for t in trajectories for spans in t.hidden) / len(rows)
     for call in calls:
         name = call["name"] if call["name"] in tool_names else "malformed" if call["name"] is None else "unknown"
         stats[f"tools/{name}/calls"] = stats.get(f"tools/{name}/calls", 0.0) + 1

@@ -95,6 +95,7 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
         _check_video(stage, read_jsonl(stage.data.eval).video_sources, f"{where}.data.eval")
     agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
     check_engine(stage.rollout.engine, stage.rollout.engine_options, f"{where}.rollout")
+    _check_memory_window(stage, where)
     rewards: dict[str, RewardFn] = {}
     if stage.kind is StageKind.SFT:
         _check_responses(samples)
@@ -254,6 +255,20 @@ def _check_video(stage: StageConfig, sources: list[str], key: str) -> None:
     if stage.kind is not StageKind.SFT and not getattr(ENGINES.resolve(stage.rollout.engine), "takes_video", False):
         raise ConfigError(f"{key}: {len(sources)} sample(s) have videos (first: {sources[0]}); the rollout engine "
                           f"{stage.rollout.engine!r} takes images only: set rollout.engine=hf for video data")
+
+
+def _check_memory_window(stage: StageConfig, where: str) -> None:
+    """The visual memory window hides tokens: the rollout engine must be able to, and a training
+    forward that checkpoints activations runs a 4-D attention mask (SDPA or eager attention)."""
+    if stage.agent.memory_window is None or stage.kind is StageKind.SFT:
+        return
+    if not getattr(ENGINES.resolve(stage.rollout.engine), "hides_tokens", False):
+        raise ConfigError(f"{where}.agent.memory_window: the rollout engine {stage.rollout.engine!r} cannot take "
+                          "images out of view; set rollout.engine=hf, or agent.memory_window=null")
+    attention = stage.model.attn_implementation
+    if stage.optim.gradient_checkpointing and attention not in (None, "sdpa", "eager"):
+        raise ConfigError(f"{where}.agent.memory_window with optim.gradient_checkpointing needs "
+                          f"model.attn_implementation sdpa or eager, not {attention}")
 
 
 def _check_responses(samples: list[Sample]) -> None:
