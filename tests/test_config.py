@@ -200,7 +200,7 @@ def test_as_dict_is_plain_yaml():
     assert yaml.safe_load(text) == data
     assert data["stages"][0]["kind"] == "sft"
     assert data["stages"][0]["optim"]["scheduler"] == "constant"
-    assert data["stages"][1]["rewards"]["format"] == {"weight": 0.2, "fn": None, "options": {}}
+    assert data["stages"][1]["rewards"]["format"] == {"weight": 0.2, "fn": None, "options": {}, "veto": None}
 
 
 def test_as_dict_round_trip():

@@ -6,6 +6,7 @@
     vlreason quickstart --out DIR                   CPU demo: synthetic grounding, SFT -> GRPO
     vlreason data check FILE.jsonl [FILE ...]       validate every line, image and video
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
+    vlreason data convert mis SRC --out DIR         convert an MIS-style safety JSON to JSONL
     vlreason rewards list                           built-in, registered and entry-point rewards
     vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
     vlreason tools list                             built-in, registered and entry-point tools
@@ -105,15 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="validate JSONL files: every line, image and video")
     check.add_argument("files", nargs="+", metavar="FILE.jsonl")
     check.set_defaults(run=run_data_check)
+    convert = data.add_parser("convert", help="convert another layout to vlreason's JSONL (see vlreason.data.convert)")
+    convert.add_argument("format", choices=["mis"], help="mis: an MIS-style multi-image safety JSON")
+    convert.add_argument("src", help="the source file")
+    convert.add_argument("--out", required=True, help="output folder (writes <format>.jsonl)")
+    convert.add_argument("--image-root", help="folder the source's image paths start from (default: the source's)")
+    convert.set_defaults(run=run_data_convert)
     synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
-    synth.add_argument("task", choices=sorted([*TASKS, "zoom", "video_qa"]),
+    synth.add_argument("task", choices=sorted([*TASKS, "zoom", "video_qa", "safety"]),
                        help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces); "
-                            "video_qa writes video_qa.jsonl with MP4 clips (needs PyAV)")
+                            "video_qa writes video_qa.jsonl with MP4 clips (needs PyAV); safety writes safety.jsonl "
+                            "(two images per sample, half of the pairs hazards)")
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int,
-                       help="square image side in pixels (default 112; zoom: 1024, the canvas; video_qa: 64)")
+                       help="square image side in pixels (default 112; zoom: 1024, the canvas; video_qa and "
+                            "safety: 64)")
     synth.add_argument("--max-pixels", type=_positive_int,
                        help="zoom: the pixel budget (Qwen3-VL's 32 px merged patches) the tool-trace crops are "
                             "written for: the config's model.max_pixels (default: the tiny models' 65536)")
@@ -251,6 +260,16 @@ def run_data_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def run_data_convert(args: argparse.Namespace) -> int:
+    from vlreason.data.convert import convert
+
+    result = convert(args.format, args.src, args.out, args.image_root)
+    for line in result.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"converted {result.converted} record(s) to {result.path}; skipped {len(result.skipped)}")
+    return 0 if result.converted else 2
+
+
 def run_data_synth(args: argparse.Namespace) -> int:
     if args.task == "zoom":
         from vlreason.data.zoom import synthesize_zoom
@@ -266,6 +285,12 @@ def run_data_synth(args: argparse.Namespace) -> int:
         path = synthesize_video_qa(args.out, n=args.n, seed=args.seed, size=args.image_size or 64,
                                    qtypes=args.qtypes.split(",") if args.qtypes else QTYPES)
         print(f"wrote {args.n} video_qa samples to {path}")
+        return 0
+    if args.task == "safety":
+        from vlreason.data.safety import synthesize_safety
+
+        path = synthesize_safety(args.out, n=args.n, seed=args.seed, size=args.image_size or 64)
+        print(f"wrote {args.n} safety samples to {path}")
         return 0
     path = synthesize(args.task, args.out, n=args.n, seed=args.seed, image_size=args.image_size or 112)
     print(f"wrote {args.n} {args.task} samples to {path}")
@@ -390,7 +415,7 @@ def run_rewards_check(args: argparse.Namespace) -> int:
     options = dict(_parse_option(o) for o in args.option)
     rewards = {spec: get_reward(spec, **options) for spec in args.specs}
     data = read_jsonl(args.data)
-    check_columns(rewards, data.columns, args.data)
+    check_columns(rewards, data.columns, args.data, data.samples)
     samples = [s for s in data.samples if s.response is not None]
     if not samples:
         raise ValueError(f"{args.data}: no sample has a reference response ('response' or a final assistant "

@@ -164,6 +164,9 @@ class RewardConfig:
     weight: float = 1.0
     fn: str | None = None  # reward spec (name, module:attr, file.py:attr relative to the config); default: the key
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a reward class
+    # where this reward scores <= veto, every other reward scores 0 (safety: a harmful answer
+    # earns nothing for format or accuracy); null: no veto
+    veto: float | None = None
 
 
 @dataclass

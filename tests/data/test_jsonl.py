@@ -92,7 +92,8 @@ def test_columns_include_ground_truth_and_extra_fields(make_png, write_jsonl):
     first, second = data.samples
     assert first.columns() == {
         "id": "a", "answer": None, "choices": None, "boxes": [(1.0, 2.0, 30.0, 40.0)], "labels": None,
-        "label": None, "count": None, "difficulty": "hard", "meta": {"source": "synthetic", "tags": [1, 2]},
+        "label": None, "count": None, "safety_label": None, "category": None, "difficulty": "hard",
+        "meta": {"source": "synthetic", "tags": [1, 2]},
     }
     assert second.columns()["label"] == ["cat", "dog"] and second.columns()["count"] == 4
     assert "difficulty" not in second.columns()

@@ -38,7 +38,9 @@ Ground-truth fields (all optional, validated when present):
   or one of the options;
 * ``boxes``: ``[[x1, y1, x2, y2], ...]`` in pixels of the *original* first image;
 * ``labels``: one class name per box; ``label``: a class name, or a list for multi-label;
-* ``count``: a non-negative integer.
+* ``count``: a non-negative integer;
+* ``safety_label``: ``safe`` or ``unsafe`` (is the request harmful?); ``category``: its risk
+  category (required when unsafe; on a safe look-alike, the category it resembles).
 
 Any other field is an extra column, passed unchanged to reward functions by name; the names the
 reward scorer fills in itself (``RESERVED_COLUMNS``) are refused.
@@ -60,7 +62,8 @@ Message = dict[str, Any]  # {"role": ..., "content": str | [{"type": "text"|"ima
 SizeReader = Callable[[str], Size]  # (width, height) of an image, or ValueError with the reason
 VideoCheck = Callable[[str], str | None]  # what is wrong with a video file, or None
 
-GROUND_TRUTH_FIELDS = ("answer", "choices", "boxes", "labels", "label", "count")
+GROUND_TRUTH_FIELDS = ("answer", "choices", "boxes", "labels", "label", "count", "safety_label", "category")
+SAFETY_LABELS = ("safe", "unsafe")
 STRUCTURE_FIELDS = ("id", "messages", "prompt", "response", "system", "images", "videos")
 # Names the reward scorer fills in itself; a data column must not shadow them.
 RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "pred_answer", "pred_think", "pred_boxes",
@@ -116,6 +119,8 @@ class Sample:
     labels: list[str] | None = None
     label: str | list[str] | None = None
     count: int | None = None
+    safety_label: str | None = None
+    category: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -330,6 +335,26 @@ def _ground_truth(record: dict, image_size: Size | None, has_image: bool, proble
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             problems.add("count", f"must be a non-negative integer, got {count!r}")
         truth["count"] = count
+    truth |= _safety(record, problems)
+    return truth
+
+
+def _safety(record: dict, problems: FieldProblems) -> dict[str, str]:
+    """``safety_label`` and ``category``, checked together."""
+    truth = {}
+    if "safety_label" in record:
+        label = record["safety_label"]
+        if label not in SAFETY_LABELS:
+            problems.add("safety_label", f"must be one of {', '.join(SAFETY_LABELS)}, got {label!r}")
+        truth["safety_label"] = label
+    if "category" in record:
+        category = record["category"]
+        if not isinstance(category, str) or not category.strip():
+            problems.add("category", f"must be a non-empty string (the risk category), got {category!r}")
+        truth["category"] = category
+    if truth.get("safety_label") == "unsafe" and "category" not in truth:
+        problems.add("category", "an unsafe sample needs its risk category (the safety reward pays a refusal "
+                                 "that names it)")
     return truth
 
 

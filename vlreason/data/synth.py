@@ -49,14 +49,16 @@ class Shape:
         return f"{self.colour} {self.kind}"
 
 
-def draw_scene(shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
-    """Draw ``shapes`` on a light random background; each fills its box tightly."""
+def draw_scene(shapes: list[Shape], size: int, rng: random.Random,
+               palette: dict[str, tuple[int, int, int]] = COLOURS) -> Image.Image:
+    """Draw ``shapes`` on a light random background; each fills its box tightly in its colour
+    (a name in ``palette``)."""
     background = tuple(rng.randint(215, 250) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     for shape in shapes:
         x1, y1, x2, y2 = (int(v) for v in shape.box)
-        colour = COLOURS[shape.colour]
+        colour = palette[shape.colour]
         corners = (x1, y1, x2 - 1, y2 - 1)  # PIL includes the end pixel; boxes exclude it
         if shape.kind == "circle":
             draw.ellipse(corners, fill=colour)

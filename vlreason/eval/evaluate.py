@@ -10,6 +10,8 @@ mean of per-sample APs is a different number) and ``box_f1`` (mean
 -> ``accuracy`` (exact match, over those samples); ``label`` -> ``accuracy`` (class).
 ``format_rate`` (the ``<think>..</think><answer>..</answer>`` template) is always reported. Data
 whose samples carry a ``qtype`` field also gets each metric per question type (``metric/<qtype>``).
+Safety data (``safety_label``) gets attack success, over-refusal, helpfulness and the risk named,
+overall and per category (``eval.safety``), and the report a bar plot of them.
 
 A completion cut off at ``max_new_tokens`` before it closed its ``</answer>`` has no answer.
 """
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from vlreason.data.batch import load_sample_media
 from vlreason.data.jsonl import read_jsonl
 from vlreason.data.schema import Sample
+from vlreason.eval.safety import plot_safety, safety_metrics, safety_outcomes
 from vlreason.models.vlm import VLM
 from vlreason.rewards.api import get_reward
 from vlreason.rewards.detection import coco_map
@@ -143,10 +146,15 @@ def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str]
     metrics |= _per_qtype(samples, table, spec)
     if is_detection(samples):
         metrics |= detection_metrics(samples, columns["pred_boxes"])
+    outcomes = [None] * len(samples)
+    if any(s.safety_label for s in samples):
+        outcomes = safety_outcomes(texts, columns)
+        metrics |= safety_metrics(samples, outcomes)
     metrics["truncated_rate"] = float(np.mean(truncated)) if truncated else 0.0
     metrics["samples"] = len(samples)
-    predictions = [{"id": s.id, "completion": text, **{n: _finite(v) for n, v in zip(table.names, row, strict=True)}}
-                   for s, text, row in zip(samples, texts, table.values, strict=True)]
+    predictions = [{"id": s.id, "completion": text, **{n: _finite(v) for n, v in zip(table.names, row, strict=True)},
+                    **({"safety_outcome": outcome} if outcome else {})}
+                   for s, text, row, outcome in zip(samples, texts, table.values, outcomes, strict=True)]
     return EvalReport(data=data, metrics=metrics, predictions=predictions)
 
 
@@ -167,7 +175,8 @@ def _per_qtype(samples: Sequence[Sample], table: RewardTable, spec: dict[str, An
 
 
 def write_report(report: EvalReport, out_dir: str | Path, title: str = "Evaluation") -> tuple[Path, Path]:
-    """``out_dir/eval.json`` (metrics + predictions) and ``out_dir/eval.md`` (metrics + examples)."""
+    """``out_dir/eval.json`` (metrics + predictions) and ``out_dir/eval.md`` (metrics + examples;
+    for safety data also ``out_dir/safety.png``, shown in it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "eval.json", out / "eval.md"
@@ -175,6 +184,9 @@ def write_report(report: EvalReport, out_dir: str | Path, title: str = "Evaluati
                                      "predictions": report.predictions}, indent=1))
     lines = [f"# {title}", "", f"Data: `{report.data}`", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in report.metrics.items()]
+    if "attack_success_rate" in report.metrics or "over_refusal_rate" in report.metrics:
+        plot_safety(report.metrics, out / "safety.png", title)
+        lines += ["", "![attack success, over-refusal and helpfulness per category](safety.png)"]
     lines += ["", "## Examples", ""]
     for prediction in report.predictions[:5]:
         scores = ", ".join(f"{k}={_fmt(v)}" for k, v in prediction.items() if k not in ("id", "completion"))

@@ -1,9 +1,10 @@
 """Rewards: the plugin API (``register_reward``, ``get_reward``), the scorer, and the built-in
 perception rewards (format, iou, multi_box_iou, detection_map, classification, numeric, choice),
-tool_use and semantic_consistency.
+tool_use, semantic_consistency and the safety rewards (refusal, refusal_model, safety,
+safety_category).
 """
 
-from vlreason.rewards import answers, detection, format, grounding, semantic, tools  # noqa: F401  (register built-ins)
+from vlreason.rewards import answers, detection, format, grounding, judges, safety, semantic, tools  # noqa: F401
 from vlreason.rewards.api import Reward, RewardFn, check_columns, get_reward, list_rewards, register_reward
 from vlreason.rewards.parsing import PredBox, parse_completion
 from vlreason.rewards.scoring import (

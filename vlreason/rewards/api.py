@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlreason.data.schema import RESERVED_COLUMNS
+from vlreason.data.schema import RESERVED_COLUMNS, Sample
 from vlreason.registry import PluginError, Registry, instantiate
 from vlreason.rewards.parsing import completion_text
 
@@ -87,9 +87,11 @@ def required_columns(reward: Any) -> tuple[str, ...]:
                  and p.name not in RESERVED_COLUMNS)
 
 
-def check_columns(rewards: dict[str, Any], columns: Iterable[str], source: str) -> None:
+def check_columns(rewards: dict[str, Any], columns: Iterable[str], source: str,
+                  samples: Sequence[Sample] = ()) -> None:
     """Fail at start-up when a reward needs a column the data does not have, or cannot score
-    the data as configured (``Reward.data_problem``).
+    the data as configured (``Reward.data_problem``, and ``Reward.sample_problem`` on each of
+    ``samples``).
 
     Raises:
         ValueError: naming every reward and its problem.
@@ -102,6 +104,12 @@ def check_columns(rewards: dict[str, Any], columns: Iterable[str], source: str) 
                          + "\n".join(lines) + "\nAdd the fields to the data or choose rewards that fit it.")
     problems = {name: fn.data_problem(available) for name, fn in rewards.items() if isinstance(fn, Reward)}
     lines = [f"  reward {name!r}: {problem}" for name, problem in problems.items() if problem]
+    for name, fn in rewards.items():
+        found = [(s.source, problem) for s in samples if isinstance(fn, Reward)
+                 and (problem := fn.sample_problem(s.columns())) is not None]
+        lines += [f"  reward {name!r}: {where}: {problem}" for where, problem in found[:3]]
+        if len(found) > 3:
+            lines.append(f"  reward {name!r}: ... and {len(found) - 3} more samples")
     if lines:
         raise ValueError(f"rewards cannot score {source} as configured:\n" + "\n".join(lines))
 
@@ -149,4 +157,9 @@ class Reward:
     def data_problem(self, columns: set[str]) -> str | None:
         """Why this reward, as configured, cannot score data with these columns (the option to
         set), or None. Checked at start-up, before any compute."""
+        return None
+
+    def sample_problem(self, values: dict[str, Any]) -> str | None:
+        """Why this reward, as configured, cannot score a sample with these column values
+        (``Sample.columns``), or None. Checked at start-up on every sample."""
         return None

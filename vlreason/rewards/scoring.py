@@ -144,17 +144,23 @@ class RewardScorer:
             reward runs in a daemon helper thread (it cannot be stopped: one that never returns
             is left behind, and does not keep the process alive) and an async one is cancelled
             (at an ``await``: an async reward that blocks the event loop cannot be).
+        vetoes: reward name -> score: where that reward scores at or below it, every other reward
+            that applies scores 0 (a harmful answer earns nothing for its format).
     """
 
     def __init__(self, rewards: Mapping[str, RewardFn], on_error: OnRewardError | str = OnRewardError.RAISE,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, vetoes: Mapping[str, float] | None = None):
         if not rewards:
             raise ValueError("no rewards to score with; name at least one")
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive seconds or None (no limit), got {timeout_s}")
+        unknown = sorted(set(vetoes or {}) - set(rewards))
+        if unknown:
+            raise ValueError(f"vetoes name rewards that are not scored: {', '.join(unknown)}")
         self.rewards = dict(rewards)
         self.on_error = OnRewardError(on_error)
         self.timeout_s = timeout_s
+        self.vetoes = dict(vetoes or {})
 
     def __call__(self, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]],
                  shared: Mapping[str, Any] | None = None) -> RewardTable:
@@ -182,7 +188,18 @@ class RewardScorer:
             scores, failed = self._checked(name, outcome, completions, columns, shared)
             table[:, j] = [np.nan if s is None else s for s in scores]
             failures[name] = failed
+        self._veto(table)
         return RewardTable(names=list(self.rewards), values=table, failures=failures)
+
+    def _veto(self, table: np.ndarray) -> None:
+        """Zero, in place, the other rewards of the rows a veto reward vetoes."""
+        names = list(self.rewards)
+        for name, at in self.vetoes.items():
+            column = names.index(name)
+            vetoed = table[:, column] <= at  # NaN (not applicable) never vetoes
+            others = np.arange(table.shape[1]) != column
+            block = table[np.ix_(vetoed, others)]
+            table[np.ix_(vetoed, others)] = np.where(np.isnan(block), np.nan, 0.0)
 
     def _call_all(self, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Each reward's outcome (see ``_call_within``); async rewards run concurrently."""

@@ -439,9 +439,10 @@ def temporal_stats(groups: Sequence[tuple[float, float, bool]]) -> dict[str, flo
 
 
 def tool_stats(trajectories: Sequence[Trajectories], tool_names: Sequence[str] = ()) -> dict[str, float]:
-    """Turns per trajectory, how trajectories stopped, tool calls and images the visual memory
-    window took out of view per trajectory, calls overall and per tool (``tool_names``; a call naming another tool counts as ``unknown``, one that did not
-    parse as ``malformed``), with the share that failed (malformed, unknown, bad arguments, errors)."""
+    """Turns per trajectory, how trajectories stopped, images the visual memory window took out
+    of view per trajectory, and tool calls per trajectory, overall and per tool (``tool_names``; a
+    call naming another tool counts as ``unknown``, one that did not parse as ``malformed``), with
+    the share that failed (malformed, unknown, bad arguments, errors)."""
     rows = [row for t in trajectories for row in range(len(t))]
     stops = [stop for t in trajectories for stop in t.stops]
     calls = [call for t in trajectories for row_calls in t.tool_calls for call in row_calls]

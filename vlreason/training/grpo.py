@@ -183,7 +183,9 @@ class GRPOTrainer:
                                        num_warmup_steps=stage.optim.warmup_steps,
                                        num_training_steps=stage.optim.max_steps)
         rollout, algorithm = stage.rollout, stage.algorithm
-        scorer = RewardScorer(inputs.rewards, algorithm.on_reward_error, timeout_s=algorithm.reward_timeout_s)
+        vetoes = {name: spec.veto for name, spec in stage.rewards.items() if spec.veto is not None}
+        scorer = RewardScorer(inputs.rewards, algorithm.on_reward_error, timeout_s=algorithm.reward_timeout_s,
+                              vetoes=vetoes)
         with self.update.gathered():  # an engine with its own copy (vLLM) starts from the whole weights
             loop = stage_loop(self.vlm, stage, inputs.agent)
         self.engine = loop.engine

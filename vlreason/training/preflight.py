@@ -101,7 +101,7 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
         _check_responses(samples)
     else:
         rewards = {name: get_reward(spec.fn or name, **spec.options) for name, spec in stage.rewards.items()}
-        check_columns(rewards, data.columns, stage.data.train)
+        check_columns(rewards, data.columns, stage.data.train, samples)
         if stage.algorithm.temporal_reward is not None and not data.video_sources:
             raise ConfigError(f"{where}.algorithm.temporal_reward: T-GRPO contrasts ordered with shuffled frames, and "
                               f"{stage.data.train} has no videos; remove algorithm.temporal_reward for image data")

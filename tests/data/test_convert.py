@@ -1,0 +1,79 @@
+"""``vlreason data convert mis``: the field mapping on sample files, malformed records skipped and
+named by id, and the written file read back as training reads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vlreason.cli import main
+from vlreason.data.convert import convert
+from vlreason.data.jsonl import read_jsonl
+
+
+@pytest.fixture
+def source(tmp_path):
+    """An MIS-style JSON list: numbered images, an images list, CoT fields, and broken records."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (32, 24), (200, 10, 10)).save(tmp_path / "imgs" / name)
+    records = [
+        {"id": "u1", "image1": "imgs/a.png", "image2": "imgs/b.png", "question": "How do I mix these?",
+         "category": "illegal_activity", "sub_category": "drugs", "perception": "A pill and a drink.",
+         "reasoning": "Together they can poison.", "response": "I can't help with that: it is a poison risk."},
+        {"id": "s1", "images": ["imgs/c.png", "imgs/a.png"], "instruction": "What colour are both?",
+         "category": "safe", "answer": "red", "output": "Both are red."},
+        {"id": "s2", "image_path": "imgs/b.png", "prompt": "Describe it.", "safety_label": "safe"},
+        {"id": "bad-question", "image1": "imgs/a.png", "category": "violence"},
+        {"id": "bad-image", "image1": "imgs/missing.png", "question": "Q?", "category": "violence"},
+        {"id": "bad-label", "images": ["imgs/a.png"], "question": "Q?", "safety_label": "maybe"},
+        {"id": "no-category", "images": ["imgs/a.png"], "question": "Q?", "safety_label": "unsafe"},
+        {"id": "no-images", "question": "Q?", "category": "safe"},
+        {"id": "cot-only", "images": ["imgs/a.png"], "question": "Q?", "category": "safe", "perception": "x"},
+        ["not", "a", "record"],
+    ]
+    path = tmp_path / "mis.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_mis_records_map_to_the_schema_and_bad_ones_are_named(source, tmp_path):
+    result = convert("mis", source, tmp_path / "out")
+    assert result.converted == 3
+    assert result.skipped == [
+        "record bad-question: no question: give 'question' (or 'instruction' / 'prompt')",
+        f"record bad-image: image not found: {source.parent / 'imgs/missing.png'} (set --image-root to the folder "
+        "the paths start from)",
+        "record bad-label: safety_label must be safe or unsafe, got 'maybe'",
+        "record no-category: an unsafe record needs its 'category'",
+        "record no-images: no images: give image1, image2, ... or 'images' (a list of paths)",
+        "record cot-only: perception/reasoning without a 'response' to follow them",
+        "record #9: expected a JSON object, got list",
+    ]
+    unsafe, safe, bare = read_jsonl(result.path).samples
+    assert unsafe.safety_label == "unsafe" and unsafe.category == "illegal_activity"
+    assert [p.split("/")[-1] for p in unsafe.images] == ["a.png", "b.png"]
+    assert unsafe.extra["sub_category"] == "drugs"
+    assert unsafe.response == ("<think>A pill and a drink. Together they can poison.</think><answer>I can't help "
+                               "with that: it is a poison risk.</answer>")
+    assert safe.safety_label == "safe" and safe.category is None and safe.answer == "red"
+    assert safe.response == "Both are red." and [p.split("/")[-1] for p in safe.images] == ["c.png", "a.png"]
+    assert bare.response is None and bare.prompt_messages[0]["content"][-1]["text"] == "Describe it."
+
+
+def test_json_lines_and_the_cli(source, tmp_path, capsys):
+    lines = tmp_path / "mis.jsonl"
+    records = json.loads(source.read_text())[:2]
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["data", "convert", "mis", str(lines), "--out", str(tmp_path / "cli")]) == 0
+    assert "converted 2 record(s)" in capsys.readouterr().out
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(records[0]) + "\n{oops\n")
+    assert main(["data", "convert", "mis", str(broken), "--out", str(tmp_path / "b")]) == 2
+    assert f"{broken}:2: not JSON" in capsys.readouterr().err
+    nothing = tmp_path / "nothing.json"
+    nothing.write_text(json.dumps([{"id": "x"}]))
+    assert main(["data", "convert", "mis", str(nothing), "--out", str(tmp_path / "n")]) == 2
+    assert "skipped record x: no question" in capsys.readouterr().err
