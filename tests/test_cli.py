@@ -313,3 +313,17 @@ def test_eval_reads_videos_as_the_flags_say(tmp_path, capsys):
     code, _, err = run(capsys, "eval", "tiny-qwen2.5-vl", "--data", str(data), "--video-min-frames", "9",
                        "--video-max-frames", "8")
     assert code == 2 and "error: need fps > 0 and 1 <= min_frames <= max_frames" in err
+
+
+def test_eval_on_safety_data_reports_both_sides_with_the_judge_given(tmp_path, capsys):
+    from vlreason.data.safety import synthesize_safety
+
+    data = synthesize_safety(tmp_path / "safety", n=6, size=32, progress=False)
+    judge = tmp_path / "judge.py"
+    judge.write_text("def always(completions, **columns):\n    return [1.0] * len(completions)\n")
+    code, out, _ = run(capsys, "eval", "tiny-qwen3-vl", "--data", str(data), "--max-new-tokens", "4",
+                       "--safety-option", f"judge={judge}:always", "--out", str(tmp_path / "report"))
+    assert code == 0 and "attack_success_rate" in out
+    metrics = json.loads((tmp_path / "report" / "eval.json").read_text())["metrics"]
+    assert metrics["attack_success_rate"] == 0.0 and metrics["over_refusal_rate"] == 1.0  # it refuses everything
+    assert (tmp_path / "report" / "safety.png").is_file()

@@ -199,6 +199,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from vlreason.eval import evaluate, evaluate_frame_scaling, write_report
     from vlreason.models.vlm import load_vlm
+    from vlreason.rewards import get_reward
     from vlreason.rollout import AgentLoop, HFEngine
     from vlreason.rollout.agent import build_agent
     from vlreason.training.checkpoints import refuse_training_checkpoint
@@ -207,6 +208,7 @@ def run_eval(args: argparse.Namespace) -> int:
     refuse_training_checkpoint(args.model)
     mode = "tools" if args.tools else "grounding" if args.grounding else "none"
     agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
+    safety = get_reward("safety", **dict(_parse_option(o) for o in args.safety_option)) if args.safety_option else None
     _quiet_transformers()
     sampling = FrameSampling(fps=args.video_fps, min_frames=args.video_min_frames, max_frames=args.video_max_frames)
     if args.memory_window and not args.tools:
@@ -225,7 +227,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                         limit=args.limit, loop=loop)
     else:
         report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels))
+                          limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels),
+                          safety=safety)
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
     json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
     print(_format_table(("metric", "value"), [(k, _cell(v) if isinstance(v, float) else str(v))
@@ -334,6 +337,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-turns", type=_positive_int, default=3, help="model turns with --tools (default 3)")
     evaluate.add_argument("--max-tokens", type=_positive_int, default=1024,
                           help="tokens after the prompt with --tools/--grounding (default 1024)")
+    evaluate.add_argument("--safety-option", action="append", default=[], metavar="KEY=VALUE",
+                          help="an option of the safety reward that sorts safety data (repeatable), e.g. "
+                               "judge=refusal_model, 'judge_options={model: ID}', 'categories={fire: [fire, burn]}'")
     evaluate.add_argument("--memory-window", type=_positive_int,
                           help="tool images in view at once with --tools (older ones leave the view; default: all)")
     evaluate.add_argument("--video-fps", type=float, default=2.0,

@@ -36,6 +36,7 @@ from vlreason.models.vlm import VLM
 from vlreason.rewards.api import get_reward
 from vlreason.rewards.detection import coco_map
 from vlreason.rewards.parsing import PredBox
+from vlreason.rewards.safety import SafetyReward
 from vlreason.rewards.scoring import OnRewardError, RewardScorer, RewardTable, reward_columns
 from vlreason.rollout.agent import AgentLoop
 from vlreason.rollout.engine import SamplingParams, Trajectories, encode_prompts
@@ -88,14 +89,15 @@ def detection_metrics(samples: Sequence[Sample], pred_boxes: Sequence[Sequence[P
 @torch.no_grad()
 def evaluate(vlm: VLM, data_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
              limit: int | None = None, progress: bool = True, loop: AgentLoop | None = None,
-             read_clip: ClipReader | None = None) -> EvalReport:
+             read_clip: ClipReader | None = None, safety: SafetyReward | None = None) -> EvalReport:
     """Greedy answers for the samples of ``data_path`` and the task's metrics (see module docstring).
 
     ``loop``: how to roll out (engine, agent and budgets); default: the HF engine, one turn. With
     an agent the report adds ``tool_call_rate`` (samples with a tool call), ``invalid_call_rate``
     (failed calls over all calls) and ``turns_per_sample``. ``read_clip``: how videos are decoded
     (a training stage's, ``VLM.use_video``); default: ``FrameSampling()``'s frames at the model's
-    default video budget.
+    default video budget. ``safety``: the ``safety`` reward that sorts safety data's completions
+    (its judge and taxonomy; default: the rule judge, categories by name).
     """
     samples = read_jsonl(data_path).samples[:limit]
     if not samples:
@@ -115,7 +117,7 @@ def evaluate(vlm: VLM, data_path: str | Path, batch_size: int = 32, max_new_toke
         infos += prompts.infos
     report = score_predictions(str(data_path), kept, [t for part in parts for t in part.texts],
                                [vlm.box_decoder(row) for row in infos],
-                               [bool(cut) for part in parts for cut in part.truncated], parts)
+                               [bool(cut) for part in parts for cut in part.truncated], parts, safety)
     if loop.agent is not None:
         report.metrics |= agent_metrics(parts)
     return report
@@ -132,9 +134,11 @@ def agent_metrics(parts: Sequence[Trajectories]) -> dict[str, float]:
 
 
 def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str], decoders: Sequence[Any],
-                      truncated: Sequence[bool], trajectories: Sequence[Trajectories] = ()) -> EvalReport:
+                      truncated: Sequence[bool], trajectories: Sequence[Trajectories] = (),
+                      safety: SafetyReward | None = None) -> EvalReport:
     """Metrics of given completions (one per sample; ``truncated``: which hit the token limit;
-    ``trajectories``: where they came from, for the tool trace rewards read)."""
+    ``trajectories``: where they came from, for the tool trace rewards read; ``safety``: see
+    ``evaluate``)."""
     spec = task_metrics(samples)
     rewards = {name: get_reward(reward, **options) for name, (reward, options) in spec.items()}
     names = sorted({c for s in samples for c in s.columns()})
@@ -148,7 +152,7 @@ def score_predictions(data: str, samples: Sequence[Sample], texts: Sequence[str]
         metrics |= detection_metrics(samples, columns["pred_boxes"])
     outcomes = [None] * len(samples)
     if any(s.safety_label for s in samples):
-        outcomes = safety_outcomes(texts, columns)
+        outcomes = safety_outcomes(texts, columns, safety)
         metrics |= safety_metrics(samples, outcomes)
     metrics["truncated_rate"] = float(np.mean(truncated)) if truncated else 0.0
     metrics["samples"] = len(samples)

@@ -30,6 +30,7 @@ import yaml
 from vlreason.config import PipelineConfig, StageConfig, StageKind, as_dict, final_checkpoint
 from vlreason.eval import evaluate, write_report
 from vlreason.models.vlm import load_vlm
+from vlreason.rewards.api import get_reward
 from vlreason.rollout.agent import build_agent
 from vlreason.training.distributed import processes
 from vlreason.training.groups import stage_loop
@@ -97,9 +98,11 @@ def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:
     vlm = load_vlm(final_checkpoint(stage.output_dir), dtype=stage.model.dtype, min_pixels=stage.model.min_pixels,
                    max_pixels=stage.model.max_pixels, device=stage.model.device)
     agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
+    safety = stage.rewards.get("safety")  # the stage's own judge and taxonomy sort safety data
     report = evaluate(vlm, stage.data.eval, max_new_tokens=stage.rollout.max_new_tokens,
                       progress=stage.logging.progress, loop=stage_loop(vlm, stage, agent),
-                      read_clip=stage_clip_reader(vlm, stage))
+                      read_clip=stage_clip_reader(vlm, stage),
+                      safety=get_reward(safety.fn or "safety", **safety.options) if safety else None)
     write_report(report, stage.output_dir, title=f"Evaluation after stage {stage.name}")
     logger.info("stage %s: %s", stage.name, ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()
                                                        if isinstance(v, float)))
