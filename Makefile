@@ -9,7 +9,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-vllm lint quickstart bench tokenizer constraints constraints-vllm
+.PHONY: install test test-slow test-vllm lint demo quickstart bench tokenizer constraints constraints-vllm
 
 PIN    := -c constraints.txt --build-constraint constraints.txt
 
@@ -59,6 +59,10 @@ COMPAT_TESTS := tests/models tests/rollout tests/rewards tests/data tests/vision
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm
 	$(VLLM_VENV)/bin/pytest $(COMPAT_TESTS)
+
+# the Gradio demo on the tiny model, at http://127.0.0.1:7860 (the rollout viewer opens runs/)
+demo: $(STAMP)
+	$(BIN)/vlreason demo
 
 quickstart: $(STAMP)
 	$(BIN)/vlreason quickstart --out quickstart

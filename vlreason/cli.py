@@ -10,6 +10,7 @@
     vlreason rewards list                           built-in, registered and entry-point rewards
     vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
     vlreason tools list                             built-in, registered and entry-point tools
+    vlreason demo [MODEL] [--runs DIR]              Gradio app on 127.0.0.1: chat, rollout viewer, rewards
     vlreason rollout-server MODEL [--port P]        serve vLLM generation + weight updates to trainers"""
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools = commands.add_parser("tools", help="list the tools a model can call").add_subparsers(metavar="ACTION")
     tools.add_parser("list", help="list available tools").set_defaults(run=run_tools_list)
 
+    _add_demo(commands)
     _add_rollout_server(commands)
     return parser
 
@@ -356,6 +358,28 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--temperature", type=float, default=1.0,
                           help="sampling temperature of the votes with --frame-scaling (default 1.0)")
     evaluate.set_defaults(run=run_eval)
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    """The ``demo`` command's arguments."""
+    demo = commands.add_parser("demo", help="a Gradio app: chat with a model, browse a run's rollouts, try rewards")
+    demo.add_argument("model", nargs="?", default="tiny-qwen3-vl",
+                      help="hub id, local checkpoint or tiny preset (default: tiny-qwen3-vl)")
+    demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    demo.add_argument("--port", type=_positive_int, help="port (default: Gradio's first free one from 7860)")
+    demo.add_argument("--runs", default="runs", help="folder whose training runs the rollout viewer may open")
+    demo.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20)")
+    demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from vlreason.demo import launch
+
+    _quiet_transformers()
+    launch(args.model, host=args.host, port=args.port, runs_root=args.runs, max_upload_mb=args.max_upload_mb,
+           share=args.share)
+    return 0
 
 
 def _add_rollout_server(commands: argparse._SubParsersAction) -> None:

@@ -38,6 +38,7 @@ needs. The main process gathers what is logged and writes it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from tqdm import tqdm
 from transformers import BatchFeature, TrainerState, get_scheduler
 
 from vlreason.config import ConfigError, StageConfig, final_checkpoint
+from vlreason.data.schema import Sample
 from vlreason.models.prefix import CompletionScorer
 from vlreason.rewards.scoring import RewardScorer
 from vlreason.rl import combine_rewards, overlong_penalty, policy_loss
@@ -100,6 +102,7 @@ from vlreason.training.model_setup import (
 from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.sft import StageResult
 from vlreason.training.update import build_update
+from vlreason.vision.images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -516,8 +519,9 @@ class GRPOTrainer:
         return budget is not None and self.processes.max([self.train_seconds])[0] >= budget
 
     def _dump_rollouts(self, batch: SampledBatch) -> None:
-        """One line per trajectory: its final turn, rewards, advantage and how it stopped; with
-        several turns also every model turn's text and the tool calls."""
+        """One line per trajectory: its final turn, rewards, advantage, how it stopped and its
+        prompt's images (``media``: thumbnails kept in the run folder, so a viewer needs nothing
+        outside it); with several turns also every model turn's text and the tool calls."""
         g = self.stage.rollout.num_generations
         decode = self.sampler.loop.decode
         with (self.out / "rollouts.jsonl").open("a") as handle:
@@ -529,12 +533,31 @@ class GRPOTrainer:
                         part.table.names, part.table.values[row], strict=True)}
                     record = {"step": self.step_count + 1, "id": sample.id, "source": sample.source,
                               "completion": text, "rewards": scores, "advantage": float(part.advantages[row]),
-                              "truncated": bool(trajectories.truncated[row]), "stop": trajectories.stops[row].value}
+                              "truncated": bool(trajectories.truncated[row]), "stop": trajectories.stops[row].value,
+                              "media": self._thumbnails(sample)}
                     if len(trajectories.turns[row]) > 1 or trajectories.tool_calls[row]:
                         ids = trajectories.ids[row].tolist()
                         record["turns"] = [decode(ids[start:stop]) for start, stop in trajectories.turns[row]]
                         record["tool_calls"] = trajectories.tool_calls[row]
                     handle.write(json.dumps(record) + "\n")
+
+    def _thumbnails(self, sample: Sample) -> list[str]:
+        """The sample's images as 256 px thumbnails under ``media/`` (written once; paths relative
+        to the stage folder; an image that no longer loads is left out)."""
+        names = []
+        for index, source in enumerate(sample.images):
+            name = f"media/{hashlib.sha1(sample.id.encode()).hexdigest()[:16]}_{index}.jpg"
+            path = self.out / name
+            if not path.is_file():
+                try:
+                    image = load_image(source)
+                except ImageLoadError:
+                    continue
+                path.parent.mkdir(exist_ok=True)
+                image.thumbnail((256, 256))
+                image.save(path, quality=90)
+            names.append(name)
+        return names
 
     def plot(self) -> Path | None:
         records = read_metrics(self.out / "metrics.jsonl")

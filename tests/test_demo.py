@@ -1,0 +1,108 @@
+"""The demo's pieces without a browser: upload limits, the run-folder guard, the rollout viewer on
+a short training run, the playground, the inference helper's boxes, and the app served on
+127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from vlreason import inference
+from vlreason.config import load_config
+from vlreason.data.synth import synthesize
+from vlreason.demo import DemoError, RunFolders, build_app, check_upload, draw_boxes, score_completion
+from vlreason.models.vlm import build_tiny_vlm
+from vlreason.rollout import ScriptedEngine
+from vlreason.training.grpo import GRPOTrainer
+
+
+def test_uploads_are_images_or_videos_within_the_limit(tmp_path):
+    image, video, script = tmp_path / "a.PNG", tmp_path / "clip.mp4", tmp_path / "x.sh"
+    Image.new("RGB", (8, 8)).save(image, format="PNG")
+    video.write_bytes(b"\0" * 2048)
+    script.write_text("rm -rf /")
+    assert check_upload(image, 2**20) == "image" and check_upload(video, 2**20) == "video"
+    with pytest.raises(DemoError, match=r"x.sh: .sh files are not accepted; upload images \(.png"):
+        check_upload(script, 2**20)
+    with pytest.raises(DemoError, match=r"clip.mp4: 0.0 MB is over the 0 MB upload limit"):
+        check_upload(video, 1024)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    """A two-step GRPO run (scripted completions) whose rollouts and metrics the viewer reads."""
+    root = tmp_path_factory.mktemp("runs")
+    data = synthesize("grounding", root.parent / "data", n=4, seed=1, image_size=56, progress=False)
+    stage = {"kind": "grpo", "optim": {"learning_rate": 1e-3, "batch_size": 2, "max_steps": 2},
+             "rollout": {"num_generations": 2, "max_new_tokens": 24, "engine": "scripted",
+                         "engine_options": {"completions": ["<answer>[1, 2, 30, 40]</answer>", "no box"]}},
+             "rewards": {"iou": {}}, "logging": {"tensorboard": False, "progress": False}, "save": {"every": 0}}
+    raw = {"output_dir": str(root / "exp"), "model": {"name_or_path": "tiny-qwen2-vl"}, "data": {"train": str(data)},
+           "stages": [stage]}
+    GRPOTrainer(load_config(None, raw=raw).stages[0]).train()
+    return root
+
+
+def test_the_viewer_reads_a_run_and_nothing_outside_it(run_root):
+    folders = RunFolders(run_root)
+    assert folders.runs() == ["exp/grpo"]
+    assert folders.steps("exp/grpo") == [1, 2]
+    records = folders.rollouts("exp/grpo", 2)
+    assert len(records) == 4 and {r["completion"] for r in records} == {"<answer>[1, 2, 30, 40]</answer>", "no box"}
+    media = records[0]["media"]
+    assert media and all(path.startswith(str(run_root / "exp" / "grpo")) for path in media)
+    assert Image.open(media[0]).size == (56, 56)  # the prompt image, kept inside the run folder
+    assert folders.curves("exp/grpo").is_file()
+    for outside in ("..", "../..", "/etc", "exp/../../x"):
+        with pytest.raises(DemoError, match="is not a run folder under"):
+            folders.run(outside)
+    with pytest.raises(DemoError, match="is outside the run folder"):
+        folders.inside(folders.run("exp/grpo"), "../../../etc/passwd")
+
+
+def test_the_rewards_playground_scores_and_explains():
+    rows = score_completion("<think>x</think><answer>[10, 10, 50, 50]</answer>", '{"boxes": [[10, 10, 50, 60]]}',
+                            ["iou", "format"], "100x100")
+    assert rows == [["iou", 0.8], ["format", 1.0]]
+    with pytest.raises(DemoError, match="ground truth is not JSON"):
+        score_completion("x", "{oops", ["format"])
+    with pytest.raises(DemoError, match="pick at least one reward"):
+        score_completion("x", "{}", [])
+    with pytest.raises(DemoError, match="write WIDTHxHEIGHT"):
+        score_completion("x", "{}", ["iou"], "wide")
+
+
+def test_predict_gives_boxes_in_original_pixels(monkeypatch):
+    vlm = build_tiny_vlm("tiny-qwen2.5-vl")  # boxes in pixels of the resized input
+    image = Image.new("RGB", (600, 400), (250, 250, 250))
+    monkeypatch.setattr(inference, "HFEngine", lambda v: ScriptedEngine(v, ["<think>there</think><answer>[28, 28, "
+                                                                            "56, 84]</answer>"]))
+    result = inference.predict(vlm, "Where?", [image])
+    info = vlm.prepare_images([image])[1][0]
+    assert result.answer == "[28, 28, 56, 84]" and result.think == "there"
+    assert result.boxes[0].box == pytest.approx(vlm.adapter.from_model([28, 28, 56, 84], info))
+    assert info.input_size != info.original_size and result.boxes[0].box[2] > 56  # scaled back up
+    shown = draw_boxes(image, result.boxes)
+    assert shown.size == image.size and shown.getpixel((int(result.boxes[0].box[0]), 150)) != (250, 250, 250)
+    with pytest.raises(ValueError, match="ask a question"):
+        inference.predict(vlm, "  ", [image])
+
+
+def test_the_app_serves_on_localhost_only(run_root):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(build_tiny_vlm("tiny-qwen3-vl"), run_root)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
+            config = json.loads(response.read())
+        labels = {c.get("props", {}).get("label") for c in config["components"]}
+        assert {"Question", "Completion", "Reward and KL curves"} <= labels
+        assert app.server_name == "127.0.0.1"
+    finally:
+        app.close()

@@ -1,0 +1,77 @@
+"""One question about images or videos, answered: what the demo's chat and the Python API call.
+
+    from vlreason.inference import predict
+    result = predict("runs/grounding/grpo/final", "Where is the red triangle?", images=["scene.png"])
+    result.answer, result.boxes  # boxes in pixels of the original first image
+
+The prompt is built as training builds it (the family's chat template, images fitted to the
+model's pixel budget, tool schemas in the system prompt when ``tools`` are given), the answer is
+sampled with the HF engine through the same agent loop (greedy at ``temperature`` 0), and the
+final turn is parsed as rewards parse it (``rewards.parsing.parse_completion``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vlreason.data.batch import Media
+from vlreason.models.vlm import VLM, load_vlm
+from vlreason.rewards.parsing import PredBox, parse_completion
+from vlreason.rollout.agent import AgentLoop, build_agent
+from vlreason.rollout.engine import SamplingParams, encode_prompts
+from vlreason.rollout.hf import HFEngine
+from vlreason.vision.images import load_image
+from vlreason.vision.video import FrameSampling
+
+
+@dataclass
+class Prediction:
+    """A model's reply: the final turn's text, its parsed answer, reasoning and boxes (original
+    pixels of the first image), and with tools every turn and call with the images they showed."""
+
+    text: str
+    answer: str | None
+    think: str | None
+    boxes: list[PredBox]
+    turns: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_images: list[Image.Image] = field(default_factory=list)
+
+
+def predict(model: VLM | str | Path, question: str, images: Sequence[Image.Image | str | Path] = (),
+            videos: Sequence[str | Path] = (), *, temperature: float = 0.0, max_new_tokens: int = 256,
+            tools: Sequence[str] = (), max_turns: int = 3, seed: int | None = None,
+            frames: FrameSampling | None = None) -> Prediction:
+    """Ask ``model`` (a loaded ``VLM``, or a hub id, folder or tiny preset) ``question`` about
+    ``images`` (PIL images or paths) and ``videos`` (paths; ``frames`` says which frames, default
+    ``FrameSampling()``). ``tools``: tool specs the model may call (multi-turn, up to ``max_turns``).
+
+    Raises:
+        ValueError: an empty question, or images/videos that cannot be read (the file and why).
+    """
+    if not question.strip():
+        raise ValueError("ask a question")
+    vlm = model if isinstance(model, VLM) else load_vlm(model)
+    originals = [load_image(image) for image in images]
+    read_clip = vlm.use_video(frames or FrameSampling())
+    clips = [read_clip(str(path)) for path in videos]
+    content = [{"type": "image"}] * len(originals) + [{"type": "video"}] * len(clips)
+    conversation = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+    agent = build_agent("tools", tools) if tools else None
+    loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=max_turns, max_tokens=max_turns * max_new_tokens * 4)
+    prompts = encode_prompts(vlm, [conversation], [Media(originals, clips)], loop.tool_schemas)
+    vlm.model.eval()
+    out = loop.run(prompts, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+    text = out.texts[0]
+    info = prompts.infos[0]
+    parsed = parse_completion(text, vlm.box_decoder(info), info[0].original_size if info else None,
+                              truncated=bool(out.truncated[0]))
+    ids = out.ids[0].tolist()
+    return Prediction(text=text, answer=parsed.answer, think=parsed.think, boxes=parsed.boxes,
+                      turns=[loop.decode(ids[start:stop]) for start, stop in out.turns[0]],
+                      tool_calls=out.tool_calls[0], tool_images=list(out.images[0]))
