@@ -117,7 +117,8 @@ class RunFolders:
         records = read_metrics(run / "metrics.jsonl")
         if not records:
             return None
-        keys = sorted({key for record in records for key in record if key.startswith("reward/") or key == "kl"})
+        keys = sorted({key for record in records for key in record if key == "kl" or (
+            key.startswith("reward/") and not key.endswith(("_std", "kept_total")))})
         return plot_curves(records, keys, run / "demo_curves.png", f"Rewards and KL: {name}")
 
 
@@ -260,6 +261,7 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
                         else:
                             right = step
             run.change(shown(pick_run), [run], [left, right, curves])
+            app.load(shown(pick_run), [run], [left, right, curves])  # the run selected when the page opens
         with gr.Tab("Rewards"):
             completion = gr.Textbox(label="Completion", lines=4, elem_id="completion")
             truth = gr.Textbox(label='Ground truth (JSON, e.g. {"answer": "4"})', lines=2, elem_id="truth")
@@ -280,6 +282,6 @@ def launch(model: str | Path = "tiny-qwen3-vl", host: str = "127.0.0.1", port: i
     from vlreason.models.vlm import load_vlm
 
     app = build_app(load_vlm(model), runs_root, max_upload_mb)
-    app.queue().launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
+    app.queue().launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
                        prevent_thread_lock=not block, quiet=not block, show_error=False)
     return app
