@@ -14,7 +14,7 @@ from PIL import Image
 from vlreason import inference
 from vlreason.config import load_config
 from vlreason.data.synth import synthesize
-from vlreason.demo import DemoError, RunFolders, build_app, check_upload, draw_boxes, score_completion
+from vlreason.demo import DemoError, RunFolders, check_upload, draw_boxes, score_completion
 from vlreason.models.vlm import build_tiny_vlm
 from vlreason.rollout import ScriptedEngine
 from vlreason.training.grpo import GRPOTrainer
@@ -79,8 +79,8 @@ def test_the_rewards_playground_scores_and_explains():
 def test_predict_gives_boxes_in_original_pixels(monkeypatch):
     vlm = build_tiny_vlm("tiny-qwen2.5-vl")  # boxes in pixels of the resized input
     image = Image.new("RGB", (600, 400), (250, 250, 250))
-    monkeypatch.setattr(inference, "HFEngine", lambda v: ScriptedEngine(v, ["<think>there</think><answer>[28, 28, "
-                                                                            "56, 84]</answer>"]))
+    answer = "<think>there</think><answer>[28, 28, 56, 84]</answer>"
+    monkeypatch.setattr(inference, "HFEngine", lambda v, on_step: ScriptedEngine(v, [answer]))
     result = inference.predict(vlm, "Where?", [image])
     info = vlm.prepare_images([image])[1][0]
     assert result.answer == "[28, 28, 56, 84]" and result.think == "there"
@@ -92,17 +92,60 @@ def test_predict_gives_boxes_in_original_pixels(monkeypatch):
         inference.predict(vlm, "  ", [image])
 
 
-def test_the_app_serves_on_localhost_only(run_root):
+def test_the_app_serves_on_localhost_only_and_refuses_oversized_uploads(run_root):
+    import requests
+
+    from vlreason.demo import launch
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = build_app(build_tiny_vlm("tiny-qwen3-vl"), run_root)
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app = launch("tiny-qwen3-vl", port=port, runs_root=run_root, max_upload_mb=0.01, block=False)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as response:
             config = json.loads(response.read())
         labels = {c.get("props", {}).get("label") for c in config["components"]}
         assert {"Question", "Completion", "Reward and KL curves"} <= labels
-        assert app.server_name == "127.0.0.1"
+        assert app.server_name == "127.0.0.1" and not app.share
+        upload = f"http://127.0.0.1:{port}/gradio_api/upload"
+        small = requests.post(upload, files={"files": ("a.png", b"x" * 1000)}, timeout=30)
+        big = requests.post(upload, files={"files": ("b.png", b"x" * 20_000)}, timeout=30)
+        assert small.status_code == 200
+        assert big.status_code == 413 and "maximum allowed size of 10485 bytes" in big.text
     finally:
         app.close()
+
+
+def test_chat_refuses_a_bad_upload_and_answers_about_a_video(tmp_path, make_video):
+    from vlreason.demo import chat
+
+    vlm = build_tiny_vlm("tiny-qwen3-vl")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(DemoError, match="notes.txt: .txt files are not accepted"):
+        chat(vlm, [str(bad)], "What is it?", 0.0, 8, [], 2**20)
+    clip = make_video(tmp_path / "clip.mp4", frames=8, size=(64, 48), fps=4)
+    shown, reasoning, answer, tool_images, calls = chat(vlm, [str(clip)], "What happens?", 0.0, 8, [], 2**20)
+    assert shown is None and answer and tool_images == [] and calls == ""
+    with pytest.raises(DemoError, match="ImageLoadError"):  # a broken file is a message, not a traceback
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"\x89PNG not really")
+        chat(vlm, [str(broken)], "What is it?", 0.0, 8, [], 2**20)
+
+
+def test_the_chat_streams_the_turn_as_it_is_written(tmp_path):
+    from vlreason.demo import chat_stream, partial_parts
+
+    assert partial_parts("<think>It is up") == ("It is up", "")
+    assert partial_parts("<think>Up.</think><answer>[1, 2") == ("Up.", "[1, 2")
+    assert partial_parts("plain text") == ("plain text", "")
+    vlm = build_tiny_vlm("tiny-qwen3-vl")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    views = list(chat_stream(vlm, [str(image)], "What colour?", 0.0, 12, [], 2**20))
+    assert len(views) >= 2  # partial texts, then the result
+    final = views[-1]
+    assert final[0] is not None and final[2]  # the image, and the answer (the text when no <answer>)
+    assert views[-2][1] == final[2].strip()  # the last streamed text is the whole turn (no tags: all reasoning)
+    with pytest.raises(DemoError, match="not accepted"):
+        next(chat_stream(vlm, [str(tmp_path / "x.exe")], "Q?", 0.0, 8, [], 2**20))

@@ -1,6 +1,7 @@
 """``vlreason demo [MODEL]``: a Gradio app to look at what a model does and at what a run did.
 
-* **Chat**: upload images or a video, ask, read the reasoning and the answer; predicted boxes are
+* **Chat**: upload images or a video, ask, read the reasoning and the answer as they are written
+  (streamed token by token); predicted boxes are
   drawn on the first image in its original pixels; with tools on, every call is listed with the
   crops and frames it showed (``inference.predict``).
 * **Rollouts**: pick a training run under the demo's runs folder and browse its logged rollouts by
@@ -17,7 +18,9 @@ the rollout viewer reads only inside the chosen run folder, which must lie under
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from PIL import Image, ImageDraw
 from vlreason.data.schema import GROUND_TRUTH_FIELDS, Sample
 from vlreason.rewards.parsing import PredBox
 from vlreason.training.metrics import plot_curves, read_metrics
+from vlreason.vision.images import load_image
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 VIDEO_TYPES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -170,9 +174,54 @@ def _size(text: str) -> tuple[int, int] | None:
     return width, height
 
 
+ChatView = tuple[Image.Image | None, str, str, list[Image.Image], str]
+
+
+def partial_parts(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a turn still being written: inside ``<think>`` (or before
+    ``<answer>`` without one) and inside ``<answer>``, each up to its closing tag or the end."""
+    head, _, answer = text.partition("<answer>")
+    reasoning = head.partition("<think>")[2] if "<think>" in head else head
+    return reasoning.partition("</think>")[0].strip(), answer.partition("</answer>")[0].strip()
+
+
+def chat_stream(vlm: Any, files: Sequence[str] | None, question: str, temperature: float, max_new_tokens: int,
+                tools: Sequence[str], max_bytes: int) -> Iterator[ChatView]:
+    """``chat``, streamed: the reasoning and the answer as the model writes them, then the result.
+
+    Raises:
+        DemoError: as ``chat``.
+    """
+    for path in files or []:
+        check_upload(path, max_bytes)  # refused before any compute
+    written: queue.Queue[str | None] = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["view"] = chat(vlm, files, question, temperature, max_new_tokens, tools, max_bytes, written.put)
+        except DemoError as exc:
+            outcome["error"] = exc
+        finally:
+            written.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        text = written.get()
+        while text is not None and not written.empty():
+            text = written.get()  # only the newest text is shown
+        if text is None:
+            break
+        yield (None, *partial_parts(text), [], "")
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["view"]
+
+
 def chat(vlm: Any, files: Sequence[str] | None, question: str, temperature: float, max_new_tokens: int,
-         tools: Sequence[str], max_bytes: int) -> tuple[Image.Image | None, str, str, list[Image.Image], str]:
-    """One chat turn: (first image with the boxes drawn, reasoning, answer, tool images, tool calls).
+         tools: Sequence[str], max_bytes: int, on_text: Callable[[str], None] | None = None) -> ChatView:
+    """One chat turn: (first image with the boxes drawn, reasoning, answer, tool images, tool
+    calls); ``on_text`` sees the turn being written (``inference.predict``).
 
     Raises:
         DemoError: a refused upload, or what went wrong in the model or a file.
@@ -184,8 +233,8 @@ def chat(vlm: Any, files: Sequence[str] | None, question: str, temperature: floa
     videos = [path for path, kind in kinds if kind == "video"]
     try:
         result = predict(vlm, question, images, videos, temperature=temperature, max_new_tokens=int(max_new_tokens),
-                         tools=list(tools), seed=0 if temperature > 0 else None)
-        shown = draw_boxes(Image.open(images[0]), result.boxes) if images else None
+                         tools=list(tools), seed=0 if temperature > 0 else None, on_text=on_text)
+        shown = draw_boxes(load_image(images[0]), result.boxes) if images else None
     except Exception as exc:  # the user reads what failed (bad file, model error), never a traceback
         raise DemoError(f"{type(exc).__name__}: {exc}") from None
     calls = "\n".join(f"{i}. `{call['name']}` {json.dumps(call['arguments'])}"
@@ -208,6 +257,15 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
         def wrapped(*args: Any) -> Any:
             try:
                 return fn(*args)
+            except DemoError as exc:
+                raise gr.Error(str(exc)) from None
+        return wrapped
+
+    def streamed(fn: Any) -> Any:
+        """The generator ``fn`` with a DemoError turned into Gradio's error message."""
+        def wrapped(*args: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args)
             except DemoError as exc:
                 raise gr.Error(str(exc)) from None
         return wrapped
@@ -243,7 +301,7 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
                     answer = gr.Textbox(label="Answer", elem_id="answer")
                     tool_images = gr.Gallery(label="Tool crops and frames")
                     tool_calls = gr.Markdown()
-            ask.click(shown(lambda *a: chat(vlm, *a, max_bytes)),
+            ask.click(streamed(lambda *a: chat_stream(vlm, *a, max_bytes)),
                       [files, question, temperature, max_new_tokens, tools],
                       [annotated, reasoning, answer, tool_images, tool_calls])
         with gr.Tab("Rollouts"):

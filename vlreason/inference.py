@@ -12,14 +12,16 @@ final turn is parsed as rewards parse it (``rewards.parsing.parse_completion``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from vlreason.data.batch import Media
+from vlreason.models.adapters import silent_special_ids
 from vlreason.models.vlm import VLM, load_vlm
 from vlreason.rewards.parsing import PredBox, parse_completion
 from vlreason.rollout.agent import AgentLoop, build_agent
@@ -46,10 +48,11 @@ class Prediction:
 def predict(model: VLM | str | Path, question: str, images: Sequence[Image.Image | str | Path] = (),
             videos: Sequence[str | Path] = (), *, temperature: float = 0.0, max_new_tokens: int = 256,
             tools: Sequence[str] = (), max_turns: int = 3, seed: int | None = None,
-            frames: FrameSampling | None = None) -> Prediction:
+            frames: FrameSampling | None = None, on_text: Callable[[str], None] | None = None) -> Prediction:
     """Ask ``model`` (a loaded ``VLM``, or a hub id, folder or tiny preset) ``question`` about
     ``images`` (PIL images or paths) and ``videos`` (paths; ``frames`` says which frames, default
     ``FrameSampling()``). ``tools``: tool specs the model may call (multi-turn, up to ``max_turns``).
+    ``on_text``: called with the text of the turn being written, token by token (streaming).
 
     Raises:
         ValueError: an empty question, or images/videos that cannot be read (the file and why).
@@ -63,7 +66,8 @@ def predict(model: VLM | str | Path, question: str, images: Sequence[Image.Image
     content = [{"type": "image"}] * len(originals) + [{"type": "video"}] * len(clips)
     conversation = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     agent = build_agent("tools", tools) if tools else None
-    loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=max_turns, max_tokens=max_turns * max_new_tokens * 4)
+    engine = HFEngine(vlm, _streamer(vlm, on_text) if on_text is not None else None)
+    loop = AgentLoop(vlm, engine, agent, max_turns=max_turns, max_tokens=max_turns * max_new_tokens * 4)
     prompts = encode_prompts(vlm, [conversation], [Media(originals, clips)], loop.tool_schemas)
     vlm.model.eval()
     out = loop.run(prompts, SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
@@ -75,3 +79,19 @@ def predict(model: VLM | str | Path, question: str, images: Sequence[Image.Image
     return Prediction(text=text, answer=parsed.answer, think=parsed.think, boxes=parsed.boxes,
                       turns=[loop.decode(ids[start:stop]) for start, stop in out.turns[0]],
                       tool_calls=out.tool_calls[0], tool_images=list(out.images[0]))
+
+
+def _streamer(vlm: VLM, on_text: Callable[[str], None]) -> Callable[[int, torch.Tensor], None]:
+    """An ``HFEngine.on_step`` that hands ``on_text`` the first row's turn so far, decoded."""
+    tokens: list[int] = []
+    silent = set(silent_special_ids(vlm.tokenizer)) | {vlm.tokenizer.pad_token_id}
+
+    def step(index: int, sampled: torch.Tensor) -> None:
+        if index == 0:
+            tokens.clear()
+        token = int(sampled[0])
+        if token not in silent:
+            tokens.append(token)
+            on_text(vlm.tokenizer.decode(tokens, skip_special_tokens=False))
+
+    return step

@@ -103,6 +103,8 @@ def test_grpo_logs_the_temporal_reward_and_refuses_image_data(tmp_path, left_vid
     assert step["reward/total"] == pytest.approx(0.5 + 1.0 + 0.3)
     rollout = json.loads((tmp_path / "runs" / "grpo" / "rollouts.jsonl").read_text().splitlines()[0])
     assert rollout["rewards"]["temporal"] == pytest.approx(0.3)
+    assert rollout["media"][0].endswith("_v0.jpg")  # the clip's first frame, kept for the rollout viewer
+    assert (tmp_path / "runs" / "grpo" / rollout["media"][0]).stat().st_size > 0
 
     image_data = tmp_path / "images.jsonl"
     from PIL import Image

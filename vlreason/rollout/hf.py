@@ -19,7 +19,7 @@ Vision special tokens are never sampled (a generated ``<|image_pad|>`` has no pi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,17 +30,20 @@ from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, Prom
 
 @ENGINES.register("hf")
 class HFEngine:
-    """Samples from ``vlm.model`` on whatever device it lives on."""
+    """Samples from ``vlm.model`` on whatever device it lives on; ``on_step(step, tokens)``, when
+    given, sees each step's ``[rows]`` sampled tokens as they come (step 0 starts a turn), for
+    streaming them to a reader."""
 
     takes_video = True  # the encoded prompts carry the videos' patches
     hides_tokens = True  # by zeroing their attention-mask columns
 
-    def __init__(self, vlm: VLM):
+    def __init__(self, vlm: VLM, on_step: Callable[[int, torch.Tensor], None] | None = None):
         self.vlm = vlm
         self.suppress = torch.tensor(vlm.adapter.suppress_token_ids(vlm.tokenizer))  # never sampled
+        self.on_step = on_step
 
     def start(self, prompts: PromptBatch, params: SamplingParams) -> HFSession:
-        return HFSession(self.vlm, prompts, params, self.suppress)
+        return HFSession(self.vlm, prompts, params, self.suppress, self.on_step)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this engine samples from the trained model itself."""
@@ -49,9 +52,11 @@ class HFEngine:
 class HFSession:
     """The KV cache of the running rows and the state between their turns."""
 
-    def __init__(self, vlm: VLM, prompts: PromptBatch, params: SamplingParams, suppress: torch.Tensor):
+    def __init__(self, vlm: VLM, prompts: PromptBatch, params: SamplingParams, suppress: torch.Tensor,
+                 on_step: Callable[[int, torch.Tensor], None] | None = None):
         model = vlm.model
         self.params = params
+        self.on_step = on_step
         self.device = model.device
         self.eos_id = int(vlm.tokenizer.eos_token_id)
         self.pad_id = int(vlm.tokenizer.pad_token_id)
@@ -86,6 +91,8 @@ class HFSession:
             live = ~done
             token = token.masked_fill(done, self.pad_id)
             steps.append(token)
+            if self.on_step is not None:
+                self.on_step(step, token.cpu())
             if params.temperature > 0:
                 logps.append(torch.log_softmax(logits / params.temperature, dim=-1).gather(1, token[:, None])[:, 0])
             done = done | (token == self.eos_id) | (step + 1 >= budget)

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
+from PIL import Image
 from tqdm import tqdm
 from transformers import BatchFeature, TrainerState, get_scheduler
 
@@ -103,6 +104,7 @@ from vlreason.training.preflight import StageInputs, fit_length, stage_inputs
 from vlreason.training.sft import StageResult
 from vlreason.training.update import build_update
 from vlreason.vision.images import ImageLoadError, load_image
+from vlreason.vision.video import FrameSampling, VideoError, read_video
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -133,6 +135,11 @@ class UpdateStats:
     sampler_diff_mean: float | None = None
     sampler_diff_max: float | None = None
     sampler_weight_mean: float | None = None
+
+
+def _first_frame(path: str) -> Image.Image:
+    """The first frame of a video file."""
+    return Image.fromarray(read_video(path, FrameSampling(indices=(0,))).frames[0])
 
 
 def run_grpo(stage: StageConfig, resume: bool = False, inputs: StageInputs | None = None) -> StageResult:
@@ -542,16 +549,19 @@ class GRPOTrainer:
                     handle.write(json.dumps(record) + "\n")
 
     def _thumbnails(self, sample: Sample) -> list[str]:
-        """The sample's images as 256 px thumbnails under ``media/`` (written once; paths relative
-        to the stage folder; an image that no longer loads is left out)."""
+        """The sample's images, and the first frame of each of its videos, as 256 px thumbnails
+        under ``media/`` (written once; paths relative to the stage folder; media that no longer
+        load are left out)."""
+        stem = f"media/{hashlib.sha1(sample.id.encode()).hexdigest()[:16]}"
+        sources = [(f"{stem}_{i}.jpg", load_image, source) for i, source in enumerate(sample.images)]
+        sources += [(f"{stem}_v{i}.jpg", _first_frame, source) for i, source in enumerate(sample.videos)]
         names = []
-        for index, source in enumerate(sample.images):
-            name = f"media/{hashlib.sha1(sample.id.encode()).hexdigest()[:16]}_{index}.jpg"
+        for name, load, source in sources:
             path = self.out / name
             if not path.is_file():
                 try:
-                    image = load_image(source)
-                except ImageLoadError:
+                    image = load(source)
+                except (ImageLoadError, VideoError):
                     continue
                 path.parent.mkdir(exist_ok=True)
                 image.thumbnail((256, 256))
