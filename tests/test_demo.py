@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -14,10 +15,13 @@ from PIL import Image
 from vlreason import inference
 from vlreason.config import load_config
 from vlreason.data.synth import synthesize
-from vlreason.demo import DemoError, RunFolders, check_upload, draw_boxes, score_completion
+from vlreason.demo import DemoError, RunFolders, check_upload, draw_boxes, launch, score_completion
 from vlreason.models.vlm import build_tiny_vlm
+from vlreason.registry import PluginError
 from vlreason.rollout import ScriptedEngine
 from vlreason.training.grpo import GRPOTrainer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_uploads_are_images_or_videos_within_the_limit(tmp_path):
@@ -68,6 +72,12 @@ def test_the_rewards_playground_scores_and_explains():
     rows = score_completion("<think>x</think><answer>[10, 10, 50, 50]</answer>", '{"boxes": [[10, 10, 50, 60]]}',
                             ["iou", "format"], "100x100")
     assert rows == [["iou", 0.8], ["format", 1.0]]
+    plugin = f"{REPO / 'rewards' / 'center_distance.py'}:CenterDistance"  # a user's file, named when launching
+    (name, value), = score_completion("<answer>[10, 10, 50, 50]</answer>", '{"boxes": [[10, 10, 50, 50]]}', [plugin],
+                                      "100x100")
+    assert name == plugin and value == pytest.approx(1.0)
+    with pytest.raises(PluginError, match="nope"):  # checked before any model loads
+        launch("no/such-model", reward_plugins=["nope:missing"], block=False)
     with pytest.raises(DemoError, match="ground truth is not JSON"):
         score_completion("x", "{oops", ["format"])
     with pytest.raises(DemoError, match="pick at least one reward"):
@@ -94,8 +104,6 @@ def test_predict_gives_boxes_in_original_pixels(monkeypatch):
 
 def test_the_app_serves_on_localhost_only_and_refuses_oversized_uploads(run_root):
     import requests
-
-    from vlreason.demo import launch
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -370,6 +370,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--runs", default="runs", help="folder whose training runs the rollout viewer may open")
     demo.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20)")
     demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                      help="a reward plugin the playground offers (module:attr or path/to/file.py:attr; repeatable; "
+                           "plugin files run code, so only the command line can name them)")
     demo.set_defaults(run=run_demo)
 
 
@@ -378,7 +381,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     launch(args.model, host=args.host, port=args.port, runs_root=args.runs, max_upload_mb=args.max_upload_mb,
-           share=args.share)
+           share=args.share, reward_plugins=args.reward)
     return 0
 
 

@@ -243,8 +243,11 @@ def chat(vlm: Any, files: Sequence[str] | None, question: str, temperature: floa
     return shown, result.think or "", result.answer or result.text, result.tool_images, calls
 
 
-def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 20.0) -> Any:
-    """The Gradio Blocks of the three tabs (``launch`` serves it)."""
+def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 20.0,
+              reward_plugins: Sequence[str] = ()) -> Any:
+    """The Gradio Blocks of the three tabs (``launch`` serves it). ``reward_plugins``: reward
+    specs (``module:attr``, ``file.py:attr``) the playground offers besides the registered ones;
+    plugin files run code, so they come only from whoever starts the demo, never from the page."""
     import gradio as gr
 
     from vlreason.rewards import list_rewards
@@ -324,7 +327,7 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
             completion = gr.Textbox(label="Completion", lines=4, elem_id="completion")
             truth = gr.Textbox(label='Ground truth (JSON, e.g. {"answer": "4"})', lines=2, elem_id="truth")
             size = gr.Textbox(label="Image size (WIDTHxHEIGHT, for boxes)")
-            chosen = gr.CheckboxGroup(list_rewards(), label="Rewards", value=["format"])
+            chosen = gr.CheckboxGroup([*list_rewards(), *reward_plugins], label="Rewards", value=["format"])
             score = gr.Button("Score", elem_id="score")
             scores = gr.Dataframe(headers=["reward", "score"], elem_id="scores")
             score.click(shown(lambda c, t, r, s: score_completion(c, t, r, s)), [completion, truth, chosen, size],
@@ -334,12 +337,19 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
 
 def launch(model: str | Path = "tiny-qwen3-vl", host: str = "127.0.0.1", port: int | None = None,
            runs_root: str | Path = "runs", max_upload_mb: float = 20.0, share: bool = False,
-           block: bool = True) -> Any:
+           reward_plugins: Sequence[str] = (), block: bool = True) -> Any:
     """Load ``model`` and serve the demo on ``host:port`` (a public Gradio link only with
-    ``share``). Returns the app (with ``block`` False, while it serves in the background)."""
-    from vlreason.models.vlm import load_vlm
+    ``share``). Returns the app (with ``block`` False, while it serves in the background).
 
-    app = build_app(load_vlm(model), runs_root, max_upload_mb)
+    Raises:
+        PluginError: a reward plugin that does not resolve (checked before the model loads).
+    """
+    from vlreason.models.vlm import load_vlm
+    from vlreason.rewards import get_reward
+
+    for spec in reward_plugins:
+        get_reward(spec)
+    app = build_app(load_vlm(model), runs_root, max_upload_mb, reward_plugins)
     app.queue().launch(server_name=host, server_port=port, share=share, max_file_size=int(max_upload_mb * 2**20),
                        prevent_thread_lock=not block, quiet=not block, show_error=False)
     return app
