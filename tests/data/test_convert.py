@@ -77,3 +77,76 @@ def test_json_lines_and_the_cli(source, tmp_path, capsys):
     nothing.write_text(json.dumps([{"id": "x"}]))
     assert main(["data", "convert", "mis", str(nothing), "--out", str(tmp_path / "n")]) == 2
     assert "skipped record x: no question" in capsys.readouterr().err
+
+
+@pytest.fixture
+def llava(tmp_path):
+    """LLaVA, ShareGPT and LLaMA-Factory records, good and broken, as one JSON list."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "img" / name)
+    records = [
+        {"id": "one", "image": "img/a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Green."},
+            {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes, green."}]},
+        {"id": "two", "images": ["img/a.png", "img/b.png"], "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Compare <image> with <image>."}, {"from": "gpt", "value": "Same."}],
+         "answer": "same"},
+        {"id": "factory", "images": ["img/b.png"], "messages": [
+            {"role": "user", "content": "Describe this."}, {"role": "assistant", "content": "A green field."}]},
+        {"id": "missing", "image": "img/gone.png", "conversations": [{"from": "human", "value": "<image>Hi"}]},
+        {"id": "count", "images": ["img/a.png"], "conversations": [{"from": "human", "value": "<image><image>Hi"}]},
+        {"id": "speaker", "image": "img/a.png", "conversations": [{"from": "robot", "value": "<image>Hi"}]},
+        {"id": "in-answer", "image": "img/a.png", "conversations": [
+            {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "<image>"}]},
+        {"id": "empty", "conversations": []},
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records, indent=2))
+    return path
+
+
+def test_llava_records_keep_every_turn_and_every_image(llava, tmp_path):
+    result = convert("llava", llava, tmp_path / "out")
+    assert result.converted == 3
+    assert [line.split(":")[0] for line in result.skipped] == [
+        "record missing", "record count", "record speaker", "record in-answer", "record empty"]
+    assert "image not found: " in result.skipped[0] and "2 <image> placeholder(s) for 1 image file(s)" in \
+        result.skipped[1]
+    one, two, factory = read_jsonl(result.path).samples
+    assert [m["role"] for m in one.messages] == ["user", "assistant", "user", "assistant"]
+    assert one.messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
+    assert one.response == "Yes, green." and len(one.images) == 1
+    assert two.messages[1]["content"] == [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                          {"type": "text", "text": "with"}, {"type": "image"},
+                                          {"type": "text", "text": "."}]
+    assert two.answer == "same" and [p.split("/")[-1] for p in two.images] == ["a.png", "b.png"]
+    assert factory.messages[0]["content"][0] == {"type": "image"}  # no placeholder: before the text, as LLaVA does
+
+
+def test_a_json_list_is_read_a_chunk_at_a_time(llava):
+    from vlreason.data.convert import read_records
+
+    whole = json.loads(llava.read_text())
+    assert list(read_records(llava, chunk_chars=5)) == whole
+    broken = llava.with_name("broken.json")
+    broken.write_text(llava.read_text()[:200])
+    with pytest.raises(ValueError, match="broken.json: the JSON list breaks near character"):
+        list(read_records(broken, chunk_chars=64))
+
+
+def test_a_converted_llava_file_trains(llava, tmp_path):
+    import yaml
+
+    result = convert("llava", llava, tmp_path / "out")
+    config = {"output_dir": str(tmp_path / "run"), "model": {"name_or_path": "tiny-qwen2-vl"},
+              "data": {"train": str(result.path)}, "logging": {"tensorboard": False, "progress": False},
+              "stages": [{"kind": "sft", "optim": {"learning_rate": 1e-3, "batch_size": 3, "max_steps": 3},
+                          "save": {"every": 0}}]}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 0
+    lines = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    assert len(losses) == 3 and losses[-1] < losses[0]

@@ -1,8 +1,19 @@
 """Data in other layouts, converted to vlreason's JSONL (``vlreason data convert FORMAT SRC --out DIR``).
 
-Each converter reads its source record by record and writes ``DIR/<format>.jsonl``; a record it
-cannot convert is skipped and reported as ``record <id>: <problem>``. The written file is then
-read back with ``read_jsonl``, so what a conversion reports as converted is what training reads.
+Each converter reads its source record by record (``read_records``: a JSON list streamed a chunk
+at a time, or JSON Lines) and writes ``DIR/<format>.jsonl``; a record it cannot convert is
+skipped and reported as ``record <id>: <problem>``. The written file is then read back with
+``read_jsonl``, so what a conversion reports as converted is what training reads.
+
+``llava`` — LLaVA / ShareGPT records (``conversations``: ``from`` human / gpt / system, ``value``)
+and LLaMA-Factory's (``messages``: ``role``, ``content``), with ``image`` / ``images`` and
+``video`` / ``videos`` (paths against ``--image-root``, default the source's folder). Every turn
+becomes a message (multi-turn kept; the last assistant turn is what SFT trains on); each
+``<image>`` / ``<video>`` placeholder becomes the media part in its place, so a record needs as
+many placeholders as files, or none — then the media go before the first user message's text,
+as LLaVA places them. A missing file, a placeholder count that does not match, or a placeholder
+outside a user turn skips the record with that message: no image is dropped silently. Other
+fields (``answer``, ``boxes``, ...) are kept.
 
 ``mis`` — an MIS-style safety layout (a JSON list of records, a ``{"data": [...]}`` object, or
 JSON Lines). Field mapping:
@@ -55,29 +66,71 @@ class Conversion:
     skipped: list[str] = field(default_factory=list)
 
 
-def read_records(src: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSON list, a ``{"data": [...]}`` object, or JSON Lines.
+def read_records(src: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
+    """The records of a JSON list or of JSON Lines, read ``chunk_chars`` at a time (memory stays
+    bounded by the largest record, not the file), or of a ``{"data": [...]}`` object (read whole).
 
     Raises:
-        ValueError: the file is not one of those (with the line of a JSON Lines error).
+        ValueError: the file is none of those (with the line of a JSON Lines error or the
+            character where the list broke).
     """
-    text = src.read_text()
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict) and isinstance(parsed.get("data"), list):
-        parsed = parsed["data"]
-    if isinstance(parsed, list):
-        yield from parsed
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
+    with src.open() as handle:
+        head = handle.read(chunk_chars)
+        start = head.lstrip()[:1]
+        handle.seek(0)
+        if start == "[":
+            yield from _json_list(src, handle, chunk_chars)
+        elif start == "{" and _is_wrapped(head):
+            parsed = json.load(handle)
+            if not isinstance(parsed.get("data"), list):
+                raise ValueError(f"{src}: an object without a 'data' list; give a JSON list of records")
+            yield from parsed["data"]
+        else:
+            yield from _json_lines(src, handle)
+
+
+def _is_wrapped(head: str) -> bool:
+    """Whether a file starting with ``head`` is one object holding the records (``{"data": [...``)."""
+    return re.match(r'\s*\{\s*"data"\s*:\s*\[', head) is not None
+
+
+def _json_lines(src: Path, handle: Any) -> Iterator[Any]:
+    for number, line in enumerate(handle, start=1):
         if line.strip():
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{src}:{number}: not JSON ({exc.msg}); give a JSON list of records or one "
                                  "JSON object per line") from None
+
+
+def _json_list(src: Path, handle: Any, chunk_chars: int) -> Iterator[Any]:
+    """The items of a top-level JSON list, decoded one at a time from a growing buffer."""
+    decoder = json.JSONDecoder()
+    buffer, offset, position, expect_item = handle.read(chunk_chars).lstrip()[1:], 0, 0, True
+    while True:
+        buffer = buffer[position:].lstrip()
+        offset += position
+        position = 0
+        if not expect_item and buffer[:1] == ",":
+            buffer, expect_item = buffer[1:].lstrip(), True
+        if buffer[:1] == "]":
+            return
+        try:
+            item, position = decoder.raw_decode(buffer)
+            if position == len(buffer):  # a number cut at the buffer's end also decodes: read on first
+                raise json.JSONDecodeError("the buffer ends here", buffer, position)
+        except json.JSONDecodeError as exc:
+            more = handle.read(chunk_chars)
+            if not more:
+                raise ValueError(f"{src}: the JSON list breaks near character {offset + exc.pos} ({exc.msg})") from None
+            buffer += more
+            position = 0
+            continue
+        if not expect_item:
+            raise ValueError(f"{src}: a ',' is missing near character {offset}")
+        expect_item = False
+        yield item
 
 
 def mis_record(record: Any, index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
@@ -141,7 +194,83 @@ def _response(record: dict[str, Any]) -> str | None:
     return f"<think>{' '.join(thoughts)}</think><answer>{reply}</answer>" if thoughts else str(reply)
 
 
-FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {"mis": mis_record}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "bot": "assistant", "system": "system"}
+_PLACEHOLDER = re.compile(r"<(image|video)>")
+
+
+def llava_record(record: Any, index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
+    """One LLaVA / ShareGPT (``conversations`` of ``from``/``value``) or LLaMA-Factory
+    (``messages`` of ``role``/``content``) record in vlreason's schema (see the module docstring).
+
+    Raises:
+        RecordError: what is missing or wrong.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("no conversation: give 'conversations' (from/value) or 'messages' (role/content)")
+    media = {kind: _media_paths(record, kind, image_root, out_dir) for kind in ("image", "video")}
+    messages = [_message(turn, number) for number, turn in enumerate(turns)]
+    _place_media(messages, {kind: len(paths) for kind, paths in media.items()})
+    converted = {"id": str(record.get("id", f"llava-{index}")), "messages": messages}
+    converted |= {f"{kind}s": paths for kind, paths in media.items() if paths}
+    known = {"id", "conversations", "messages", "image", "images", "video", "videos"}
+    return converted | {key: value for key, value in record.items() if key not in known}
+
+
+def _media_paths(record: dict[str, Any], kind: str, root: Path, out_dir: Path) -> list[str]:
+    """The record's ``<kind>`` or ``<kind>s`` files, resolved and checked, relative to ``out_dir``."""
+    paths = record.get(f"{kind}s", record.get(kind)) or []
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise RecordError(f"'{kind}'/'{kind}s' must be a path or a list of paths, got {paths!r}")
+    resolved = [root / path for path in paths]
+    missing = [str(path) for path in resolved if not path.is_file()]
+    if missing:
+        raise RecordError(f"{kind} not found: {missing[0]} (set --image-root to the folder the paths start from)")
+    return [os.path.relpath(path.resolve(), out_dir.resolve()) for path in resolved]
+
+
+def _message(turn: Any, number: int) -> dict[str, Any]:
+    """One turn as a message whose ``<image>``/``<video>`` placeholders became media parts."""
+    if not isinstance(turn, dict):
+        raise RecordError(f"turn {number}: expected an object, got {type(turn).__name__}")
+    speaker = turn.get("from", turn.get("role"))
+    text = turn.get("value", turn.get("content"))
+    if speaker not in ROLES:
+        raise RecordError(f"turn {number}: speaker {speaker!r} is not one of {', '.join(ROLES)}")
+    if not isinstance(text, str):
+        raise RecordError(f"turn {number}: the text ('value' or 'content') must be a string, got {text!r}")
+    parts = []
+    for piece in _PLACEHOLDER.split(text):  # text, kind, text, kind, ...
+        if piece in ("image", "video"):
+            parts.append({"type": piece})
+        elif piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return {"role": ROLES[speaker], "content": parts}
+
+
+def _place_media(messages: list[dict[str, Any]], counts: dict[str, int]) -> None:
+    """Check the placeholders against the media; without any, the media go before the first user
+    message's text (LLaVA's convention). Media parts outside user messages are refused."""
+    found = {kind: sum(part["type"] == kind for m in messages for part in m["content"]) for kind in counts}
+    for kind, count in counts.items():
+        if found[kind] and found[kind] != count:
+            raise RecordError(f"{found[kind]} <{kind}> placeholder(s) for {count} {kind} file(s); give one per file")
+    for message in messages:
+        if message["role"] != "user" and any(part["type"] != "text" for part in message["content"]):
+            raise RecordError(f"a {message['role']} turn holds an image or video placeholder; media go in user turns")
+    first_user = next((m for m in messages if m["role"] == "user"), None)
+    if first_user is None:
+        raise RecordError("no user turn")
+    missing = [{"type": kind} for kind, count in counts.items() if not found[kind] for _ in range(count)]
+    first_user["content"] = missing + first_user["content"]
+
+
+FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {"mis": mis_record, "llava": llava_record}
 
 
 def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Path | None = None) -> Conversion:
