@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from vlreason.data.jsonl import read_jsonl
 
 SAFE_CATEGORIES = ("safe", "benign", "none")
@@ -273,8 +275,10 @@ def _place_media(messages: list[dict[str, Any]], counts: dict[str, int]) -> None
 FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {"mis": mis_record, "llava": llava_record}
 
 
-def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Path | None = None) -> Conversion:
-    """Convert ``src`` (in format ``fmt``) to ``out_dir/<fmt>.jsonl``; bad records are skipped and listed.
+def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Path | None = None,
+            progress: bool = True) -> Conversion:
+    """Convert ``src`` (in format ``fmt``) to ``out_dir/<fmt>.jsonl``; bad records are skipped and
+    listed (``progress``: a bar counting the records).
 
     Raises:
         ValueError: unknown format, unreadable source, or a written file that does not read back.
@@ -288,7 +292,8 @@ def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     result = Conversion(out / f"{fmt}.jsonl")
     with result.path.open("w") as handle:
-        for index, record in enumerate(read_records(src)):
+        records = tqdm(read_records(src), desc=f"convert {fmt}", unit="record", disable=not progress)
+        for index, record in enumerate(records):
             name = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
             try:
                 converted = FORMATS[fmt](record, index, root, out)
