@@ -90,7 +90,7 @@ def test_predict_gives_boxes_in_original_pixels(monkeypatch):
     vlm = build_tiny_vlm("tiny-qwen2.5-vl")  # boxes in pixels of the resized input
     image = Image.new("RGB", (600, 400), (250, 250, 250))
     answer = "<think>there</think><answer>[28, 28, 56, 84]</answer>"
-    monkeypatch.setattr(inference, "HFEngine", lambda v, on_step: ScriptedEngine(v, [answer]))
+    monkeypatch.setattr(inference, "HFEngine", lambda v: ScriptedEngine(v, [answer]))
     result = inference.predict(vlm, "Where?", [image])
     info = vlm.prepare_images([image])[1][0]
     assert result.answer == "[28, 28, 56, 84]" and result.think == "there"

@@ -66,7 +66,9 @@ def predict(model: VLM | str | Path, question: str, images: Sequence[Image.Image
     content = [{"type": "image"}] * len(originals) + [{"type": "video"}] * len(clips)
     conversation = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
     agent = build_agent("tools", tools) if tools else None
-    engine = HFEngine(vlm, _streamer(vlm, on_text) if on_text is not None else None)
+    engine = HFEngine(vlm)
+    if on_text is not None:
+        engine.on_step = _streamer(vlm, on_text)
     loop = AgentLoop(vlm, engine, agent, max_turns=max_turns, max_tokens=max_turns * max_new_tokens * 4)
     prompts = encode_prompts(vlm, [conversation], [Media(originals, clips)], loop.tool_schemas)
     vlm.model.eval()

@@ -30,17 +30,17 @@ from vlreason.rollout.engine import ENGINES, EncodedObservation, ModelTurn, Prom
 
 @ENGINES.register("hf")
 class HFEngine:
-    """Samples from ``vlm.model`` on whatever device it lives on; ``on_step(step, tokens)``, when
-    given, sees each step's ``[rows]`` sampled tokens as they come (step 0 starts a turn), for
-    streaming them to a reader."""
+    """Samples from ``vlm.model`` on whatever device it lives on. ``on_step(step, tokens)``, set
+    by code that streams (not a configurable option), sees each step's ``[rows]`` sampled tokens
+    as they come (step 0 starts a turn)."""
 
     takes_video = True  # the encoded prompts carry the videos' patches
     hides_tokens = True  # by zeroing their attention-mask columns
 
-    def __init__(self, vlm: VLM, on_step: Callable[[int, torch.Tensor], None] | None = None):
+    def __init__(self, vlm: VLM):
         self.vlm = vlm
         self.suppress = torch.tensor(vlm.adapter.suppress_token_ids(vlm.tokenizer))  # never sampled
-        self.on_step = on_step
+        self.on_step: Callable[[int, torch.Tensor], None] | None = None
 
     def start(self, prompts: PromptBatch, params: SamplingParams) -> HFSession:
         return HFSession(self.vlm, prompts, params, self.suppress, self.on_step)
