@@ -7,6 +7,7 @@
     vlreason data check FILE.jsonl [FILE ...]       validate every line, image and video
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
     vlreason data convert FORMAT SRC --out DIR      convert LLaVA / ShareGPT or MIS-style JSON to JSONL
+    vlreason data subset FILE --shots K --out F     k samples per class, drawn with a seed
     vlreason rewards list                           built-in, registered and entry-point rewards
     vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
     vlreason tools list                             built-in, registered and entry-point tools
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output folder (writes <format>.jsonl)")
     convert.add_argument("--image-root", help="folder the source's image paths start from (default: the source's)")
     convert.set_defaults(run=run_data_convert)
+    subset = data.add_parser("subset", help="k samples per class, drawn with a seed (few-shot training sets)")
+    subset.add_argument("src", metavar="FILE.jsonl")
+    subset.add_argument("--shots", type=_positive_int, required=True,
+                        help="samples per class (label, labels or category)")
+    subset.add_argument("--seed", type=int, default=0)
+    subset.add_argument("--out", required=True, help="the subset's JSONL file (media paths are rewritten for it)")
+    subset.set_defaults(run=run_data_subset)
     synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
     synth.add_argument("task", choices=sorted([*TASKS, "zoom", "video_qa", "safety"]),
                        help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces); "
@@ -275,6 +283,17 @@ def run_data_convert(args: argparse.Namespace) -> int:
         print(f"skipped {line}", file=sys.stderr)
     print(f"converted {result.converted} record(s) to {result.path}; skipped {len(result.skipped)}")
     return 0 if result.converted else 2
+
+
+def run_data_subset(args: argparse.Namespace) -> int:
+    from vlreason.data.subset import few_shot
+
+    result = few_shot(args.src, args.out, args.shots, args.seed)
+    print(_format_table(("class", "samples"), list(result.per_class.items())))
+    for name, count in result.short.items():
+        print(f"warning: class {name!r} has only {count} sample(s) in {args.src}; all are kept", file=sys.stderr)
+    print(f"wrote {result.kept} samples ({args.shots} shots per class, seed {args.seed}) to {result.path}")
+    return 0
 
 
 def run_data_synth(args: argparse.Namespace) -> int:
