@@ -6,7 +6,7 @@
     vlreason quickstart --out DIR                   CPU demo: synthetic grounding, SFT -> GRPO
     vlreason data check FILE.jsonl [FILE ...]       validate every line, image and video
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
-    vlreason data convert FORMAT SRC --out DIR      convert LLaVA / ShareGPT or MIS-style JSON to JSONL
+    vlreason data convert FORMAT SRC --out DIR      convert COCO, LLaVA / ShareGPT or MIS-style JSON to JSONL
     vlreason data subset FILE --shots K --out F     k samples per class, drawn with a seed
     vlreason rewards list                           built-in, registered and entry-point rewards
     vlreason rewards check SPEC --data FILE.jsonl   score the data's reference answers
@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", metavar="FILE.jsonl")
     check.set_defaults(run=run_data_check)
     convert = data.add_parser("convert", help="convert another layout to vlreason's JSONL (see vlreason.data.convert)")
-    convert.add_argument("format", choices=["llava", "mis"],
-                         help="llava: LLaVA / ShareGPT conversations or LLaMA-Factory messages with <image> "
-                              "placeholders; mis: an MIS-style multi-image safety JSON")
+    convert.add_argument("format", choices=["coco", "llava", "mis"],
+                         help="coco: a COCO instances JSON (detection samples); llava: LLaVA / ShareGPT "
+                              "conversations or LLaMA-Factory messages with <image> placeholders; mis: an MIS-style "
+                              "multi-image safety JSON")
     convert.add_argument("src", help="the source file")
     convert.add_argument("--out", required=True, help="output folder (writes <format>.jsonl)")
     convert.add_argument("--image-root", help="folder the source's image paths start from (default: the source's)")

@@ -150,3 +150,39 @@ def test_a_converted_llava_file_trains(llava, tmp_path):
     lines = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_coco_images_become_detection_samples(tmp_path):
+    (tmp_path / "val").mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        Image.new("RGB", (100, 80)).save(tmp_path / "val" / name)
+    coco = {"categories": [{"id": 3, "name": "car"}, {"id": 17, "name": "cat"}],  # ids not contiguous
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
+                       {"id": 2, "file_name": "b.jpg", "width": 100, "height": 80},
+                       {"id": 3, "file_name": "c.jpg", "width": 100, "height": 80},
+                       {"id": 4, "file_name": "d.jpg", "width": 100, "height": 80},
+                       {"id": 5, "file_name": "gone.jpg", "width": 100, "height": 80}],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 3, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+                {"id": 11, "image_id": 1, "category_id": 17, "bbox": [90, 70, 20, 20], "iscrowd": 0},  # clamped
+                {"id": 12, "image_id": 1, "category_id": 17, "bbox": [0, 0, 50, 50], "iscrowd": 1},  # crowd
+                {"id": 13, "image_id": 2, "category_id": 3, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # no area
+                {"id": 14, "image_id": 4, "category_id": 99, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+                {"id": 15, "image_id": 5, "category_id": 3, "bbox": [5, 5, 10, 10], "iscrowd": 0}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    result = convert("coco", path, tmp_path / "out", image_root=tmp_path / "val")
+    assert result.converted == 1
+    assert result.skipped[0] == "record coco-2: no box to find (no annotations, or only crowd regions and boxes " \
+                                "without area)"
+    assert result.skipped[1].startswith("record coco-3: no box to find")
+    assert result.skipped[2] == "record coco-4: annotation 14: category id 99 is not in categories"
+    assert result.skipped[3].startswith("record coco-5: image not found: ")
+    (sample,) = read_jsonl(result.path).samples
+    assert sample.boxes == [(10.0, 20.0, 40.0, 60.0), (90.0, 70.0, 100.0, 80.0)] and sample.labels == ["car", "cat"]
+    assert json.loads(sample.response.split("<answer>")[1].split("</answer>")[0])[1] == {
+        "bbox_2d": [90.0, 70.0, 100.0, 80.0], "label": "cat"}
+    not_coco = tmp_path / "list.json"
+    not_coco.write_text("[]")
+    with pytest.raises(ValueError, match="not a COCO instances file"):
+        convert("coco", not_coco, tmp_path / "x")

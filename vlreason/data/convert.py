@@ -15,6 +15,14 @@ as LLaVA places them. A missing file, a placeholder count that does not match, o
 outside a user turn skips the record with that message: no image is dropped silently. Other
 fields (``answer``, ``boxes``, ...) are kept.
 
+``coco`` — a COCO instances file (``images``, ``annotations``, ``categories``; read whole): one
+detection sample per image with every box as ``[x1, y1, x2, y2]`` (from ``[x, y, w, h]``, clamped
+to the image) and its category's name as its label, so non-contiguous category ids do not matter.
+Crowd regions (``iscrowd``) are not objects to find and are left out, as are boxes without area;
+an image left with no box (or with none to begin with) is skipped with that reason, and so is
+an annotation whose category id is not among the categories. Image paths are ``file_name``
+against ``--image-root``.
+
 ``mis`` — an MIS-style safety layout (a JSON list of records, a ``{"data": [...]}`` object, or
 JSON Lines). Field mapping:
 
@@ -272,7 +280,69 @@ def _place_media(messages: list[dict[str, Any]], counts: dict[str, int]) -> None
     first_user["content"] = missing + first_user["content"]
 
 
-FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {"mis": mis_record, "llava": llava_record}
+DETECT_PROMPT = 'Detect every object. Answer with a JSON list of {"bbox_2d": [x1, y1, x2, y2], "label": ...}.'
+
+
+def coco_images(src: Path) -> Iterator[dict[str, Any]]:
+    """A COCO instances file as one record per image: its entry, its annotations and the
+    category names (the file is one JSON object, read whole, as pycocotools reads it).
+
+    Raises:
+        ValueError: the file lacks ``images``, ``annotations`` or ``categories``.
+    """
+    try:
+        data = json.loads(src.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{src}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        data = {}
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if missing:
+        raise ValueError(f"{src}: not a COCO instances file (no {', '.join(missing)} list)")
+    names = {category["id"]: category["name"] for category in data["categories"]}
+    by_image: dict[Any, list[dict[str, Any]]] = {}
+    for annotation in data["annotations"]:
+        by_image.setdefault(annotation.get("image_id"), []).append(annotation)
+    for image in data["images"]:
+        yield {"id": f"coco-{image.get('id')}", "image": image, "annotations": by_image.get(image.get("id"), []),
+               "names": names}
+
+
+def coco_record(record: dict[str, Any], index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
+    """One COCO image as a detection sample: every box (``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``,
+    clamped to the image) with its category name. Crowd regions and boxes without area are left
+    out; an image left with no box is skipped, and so is one whose category id is unknown.
+
+    Raises:
+        RecordError: what is missing or wrong.
+    """
+    image = record["image"]
+    width, height = image.get("width"), image.get("height")
+    if not isinstance(image.get("file_name"), str) or not all(isinstance(v, int) and v > 0 for v in (width, height)):
+        raise RecordError("the image entry needs file_name, width and height")
+    boxes, labels = [], []
+    for annotation in record["annotations"]:
+        if annotation.get("iscrowd"):
+            continue
+        if annotation.get("category_id") not in record["names"]:
+            raise RecordError(f"annotation {annotation.get('id')}: category id {annotation.get('category_id')} is "
+                              "not in categories")
+        x, y, w, h = annotation["bbox"]
+        box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
+        if box[2] > box[0] and box[3] > box[1]:
+            boxes.append([round(v, 2) for v in box])
+            labels.append(record["names"][annotation["category_id"]])
+    if not boxes:
+        raise RecordError("no box to find (no annotations, or only crowd regions and boxes without area)")
+    objects = [{"bbox_2d": box, "label": label} for box, label in zip(boxes, labels, strict=True)]
+    images = _media_paths({"image": image["file_name"]}, "image", image_root, out_dir)
+    return {"id": record["id"], "images": images, "prompt": DETECT_PROMPT, "boxes": boxes, "labels": labels,
+            "response": f"<answer>{json.dumps(objects)}</answer>"}
+
+
+FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {
+    "mis": mis_record, "llava": llava_record, "coco": coco_record}
+READERS: dict[str, Callable[[Path], Iterator[Any]]] = {"coco": coco_images}  # default: read_records
 
 
 def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Path | None = None,
@@ -292,7 +362,8 @@ def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     result = Conversion(out / f"{fmt}.jsonl")
     with result.path.open("w") as handle:
-        records = tqdm(read_records(src), desc=f"convert {fmt}", unit="record", disable=not progress)
+        records = tqdm(READERS.get(fmt, read_records)(src), desc=f"convert {fmt}", unit="record",
+                       disable=not progress)
         for index, record in enumerate(records):
             name = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
             try:
