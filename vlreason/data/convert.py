@@ -187,10 +187,15 @@ def _images(record: dict[str, Any], image_root: Path, out_dir: Path) -> list[str
         paths = [paths]
     if not paths or not all(isinstance(p, str) and p for p in paths):
         raise RecordError("no images: give image1, image2, ... or 'images' (a list of paths)")
-    resolved = [image_root / path for path in paths]
+    return _relocated(paths, "image", image_root, out_dir)
+
+
+def _relocated(paths: list[str], kind: str, root: Path, out_dir: Path) -> list[str]:
+    """``paths`` (against ``root``), each checked to exist, relative to ``out_dir``."""
+    resolved = [root / path for path in paths]
     missing = [str(path) for path in resolved if not path.is_file()]
     if missing:
-        raise RecordError(f"image not found: {missing[0]} (set --image-root to the folder the paths start from)")
+        raise RecordError(f"{kind} not found: {missing[0]} (set --image-root to the folder the paths start from)")
     return [os.path.relpath(path.resolve(), out_dir.resolve()) for path in resolved]
 
 
@@ -237,11 +242,7 @@ def _media_paths(record: dict[str, Any], kind: str, root: Path, out_dir: Path) -
         paths = [paths]
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise RecordError(f"'{kind}'/'{kind}s' must be a path or a list of paths, got {paths!r}")
-    resolved = [root / path for path in paths]
-    missing = [str(path) for path in resolved if not path.is_file()]
-    if missing:
-        raise RecordError(f"{kind} not found: {missing[0]} (set --image-root to the folder the paths start from)")
-    return [os.path.relpath(path.resolve(), out_dir.resolve()) for path in resolved]
+    return _relocated(paths, kind, root, out_dir)
 
 
 def _message(turn: Any, number: int) -> dict[str, Any]:
@@ -335,7 +336,7 @@ def coco_record(record: dict[str, Any], index: int, image_root: Path, out_dir: P
     if not boxes:
         raise RecordError("no box to find (no annotations, or only crowd regions and boxes without area)")
     objects = [{"bbox_2d": box, "label": label} for box, label in zip(boxes, labels, strict=True)]
-    images = _media_paths({"image": image["file_name"]}, "image", image_root, out_dir)
+    images = _relocated([image["file_name"]], "image", image_root, out_dir)
     return {"id": record["id"], "images": images, "prompt": DETECT_PROMPT, "boxes": boxes, "labels": labels,
             "response": f"<answer>{json.dumps(objects)}</answer>"}
 
