@@ -180,9 +180,55 @@ def test_coco_images_become_detection_samples(tmp_path):
     assert result.skipped[3].startswith("record coco-5: image not found: ")
     (sample,) = read_jsonl(result.path).samples
     assert sample.boxes == [(10.0, 20.0, 40.0, 60.0), (90.0, 70.0, 100.0, 80.0)] and sample.labels == ["car", "cat"]
+    assert sample.extra["crowd_regions"] == [{"box": [0.0, 0.0, 50.0, 50.0], "label": "cat"}]
     assert json.loads(sample.response.split("<answer>")[1].split("</answer>")[0])[1] == {
         "bbox_2d": [90.0, 70.0, 100.0, 80.0], "label": "cat"}
     not_coco = tmp_path / "list.json"
     not_coco.write_text("[]")
     with pytest.raises(ValueError, match="not a COCO instances file"):
         convert("coco", not_coco, tmp_path / "x")
+
+
+def test_ap_on_converted_coco_equals_cocoeval_on_the_original(tmp_path):
+    """The same detections scored by pycocotools on the original file and by evaluation on the
+    converted one: non-contiguous ids, a crowd region with a detection on it, a missed object."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from vlreason.eval.evaluate import detection_metrics
+    from vlreason.rewards.parsing import PredBox
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (200, 150)).save(tmp_path / name)
+    annotations = [(1, 7, [10, 10, 40, 30], 0), (1, 42, [100, 50, 50, 60], 0), (2, 7, [20, 30, 60, 40], 0),
+                   (2, 42, [0, 0, 120, 100], 1), (3, 42, [30, 40, 80, 70], 0), (3, 7, [150, 100, 30, 30], 0)]
+    coco = {"categories": [{"id": 7, "name": "dog"}, {"id": 42, "name": "person"}],
+            "images": [{"id": i, "file_name": f"{n}.jpg", "width": 200, "height": 150} for i, n in
+                       ((1, "a"), (2, "b"), (3, "c"))],
+            "annotations": [{"id": k, "image_id": image, "category_id": cat, "bbox": box, "iscrowd": crowd,
+                             "area": box[2] * box[3]} for k, (image, cat, box, crowd) in enumerate(annotations, 1)]}
+    detections = [(1, 7, [12, 11, 38, 30], 0.9), (1, 42, [95, 55, 50, 50], 0.8), (1, 7, [60, 60, 20, 20], 0.7),
+                  (2, 7, [22, 28, 55, 45], 0.6), (2, 42, [10, 10, 60, 50], 0.95),  # the second is on the crowd
+                  (3, 42, [35, 45, 70, 60], 0.85), (3, 42, [0, 0, 30, 30], 0.3)]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(path))
+        found = truth.loadRes([{"image_id": i, "category_id": c, "bbox": b, "score": p} for i, c, b, p in detections])
+        reference = COCOeval(truth, found, iouType="bbox")
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    samples = read_jsonl(convert("coco", path, tmp_path / "out", progress=False).path).samples
+    names = {7: "dog", 42: "person"}
+    predictions = [[PredBox((b[0], b[1], b[0] + b[2], b[1] + b[3]), names[c], p) for i, c, b, p in detections
+                    if f"coco-{i}" == sample.id] for sample in samples]
+    ours = detection_metrics(samples, predictions)
+    assert [ours["map"], ours["map50"], ours["map75"]] == pytest.approx(list(reference.stats[:3]), abs=1e-6)
+    assert 0 < ours["map"] < 1
+    for sample in samples:  # without the crowd region the detection on it is a false alarm
+        sample.extra.pop("crowd_regions", None)
+    assert detection_metrics(samples, predictions)["map"] < ours["map"] - 1e-3

@@ -18,7 +18,9 @@ fields (``answer``, ``boxes``, ...) are kept.
 ``coco`` — a COCO instances file (``images``, ``annotations``, ``categories``; read whole): one
 detection sample per image with every box as ``[x1, y1, x2, y2]`` (from ``[x, y, w, h]``, clamped
 to the image) and its category's name as its label, so non-contiguous category ids do not matter.
-Crowd regions (``iscrowd``) are not objects to find and are left out, as are boxes without area;
+Crowd regions (``iscrowd``) are not objects to find: they go to the extra column
+``crowd_regions`` (``[{"box", "label"}]``), which evaluation's COCO AP reads as COCOeval does
+(a detection on one is neither a hit nor a false alarm). Boxes without area are left out;
 an image left with no box (or with none to begin with) is skipped with that reason, and so is
 an annotation whose category id is not among the categories. Image paths are ``file_name``
 against ``--image-root``.
@@ -311,8 +313,9 @@ def coco_images(src: Path) -> Iterator[dict[str, Any]]:
 
 def coco_record(record: dict[str, Any], index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
     """One COCO image as a detection sample: every box (``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``,
-    clamped to the image) with its category name. Crowd regions and boxes without area are left
-    out; an image left with no box is skipped, and so is one whose category id is unknown.
+    clamped to the image) with its category name; crowd regions in ``crowd_regions``; boxes
+    without area left out. An image left with no box is skipped, and so is one whose category id
+    is unknown.
 
     Raises:
         RecordError: what is missing or wrong.
@@ -321,24 +324,26 @@ def coco_record(record: dict[str, Any], index: int, image_root: Path, out_dir: P
     width, height = image.get("width"), image.get("height")
     if not isinstance(image.get("file_name"), str) or not all(isinstance(v, int) and v > 0 for v in (width, height)):
         raise RecordError("the image entry needs file_name, width and height")
-    boxes, labels = [], []
+    boxes, labels, crowd = [], [], []
     for annotation in record["annotations"]:
-        if annotation.get("iscrowd"):
-            continue
         if annotation.get("category_id") not in record["names"]:
             raise RecordError(f"annotation {annotation.get('id')}: category id {annotation.get('category_id')} is "
                               "not in categories")
         x, y, w, h = annotation["bbox"]
         box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
-        if box[2] > box[0] and box[3] > box[1]:
-            boxes.append([round(v, 2) for v in box])
-            labels.append(record["names"][annotation["category_id"]])
+        label = record["names"][annotation["category_id"]]
+        if annotation.get("iscrowd"):
+            crowd.append({"box": box, "label": label})
+        elif box[2] > box[0] and box[3] > box[1]:
+            boxes.append(box)
+            labels.append(label)
     if not boxes:
         raise RecordError("no box to find (no annotations, or only crowd regions and boxes without area)")
     objects = [{"bbox_2d": box, "label": label} for box, label in zip(boxes, labels, strict=True)]
     images = _relocated([image["file_name"]], "image", image_root, out_dir)
-    return {"id": record["id"], "images": images, "prompt": DETECT_PROMPT, "boxes": boxes, "labels": labels,
-            "response": f"<answer>{json.dumps(objects)}</answer>"}
+    converted = {"id": record["id"], "images": images, "prompt": DETECT_PROMPT, "boxes": boxes, "labels": labels,
+                 "response": f"<answer>{json.dumps(objects)}</answer>"}
+    return converted | ({"crowd_regions": crowd} if crowd else {})
 
 
 FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {

@@ -79,10 +79,14 @@ def is_detection(samples: Sequence[Sample]) -> bool:
 
 def detection_metrics(samples: Sequence[Sample], pred_boxes: Sequence[Sequence[PredBox]]) -> dict[str, float | None]:
     """``map``, ``map50`` and ``map75``: COCO AP over every sample with a ``boxes`` field at once
-    (pycocotools), with ``labels`` as categories when the data has them."""
+    (pycocotools), with ``labels`` as categories when the data has them and a sample's
+    ``crowd_regions`` (``[{"box": [x1, y1, x2, y2], "label": ...}]``, as ``data convert coco``
+    writes them) as COCO's crowd regions."""
     scored = [(sample, preds) for sample, preds in zip(samples, pred_boxes, strict=True) if sample.boxes is not None]
     labels = [s.labels for s, _ in scored] if any(s.labels for s, _ in scored) else None
-    result = coco_map([preds for _, preds in scored], [s.boxes for s, _ in scored], labels)
+    crowd = [[(tuple(region["box"]), region.get("label")) for region in s.extra.get("crowd_regions") or []]
+             for s, _ in scored]
+    result = coco_map([preds for _, preds in scored], [s.boxes for s, _ in scored], labels, crowd)
     return {"map": _finite(result["ap"]), "map50": _finite(result["ap50"]), "map75": _finite(result["ap75"])}
 
 

@@ -29,6 +29,7 @@ def coco_map(
     predictions: Sequence[Sequence[PredBox]],
     boxes: Sequence[Sequence[Box]],
     labels: Sequence[Sequence[str] | None] | None = None,
+    crowd: Sequence[Sequence[tuple[Box, str | None]]] | None = None,
 ) -> dict[str, float]:
     """COCO AP over a set of images.
 
@@ -36,19 +37,24 @@ def coco_map(
         predictions: per image, the predicted boxes (original pixels) with labels / confidences.
         boxes: per image, the ground-truth boxes.
         labels: per image, one label per ground-truth box; None to ignore labels.
+        crowd: per image, COCO's crowd regions as ``(box, label)``: not objects to find, and a
+            detection on one is neither a hit nor a false alarm (COCOeval's ``iscrowd``).
 
     Returns:
         ``ap`` (AP@[.5:.95]), ``ap50`` and ``ap75``; NaN when there is no ground truth at all.
     """
     use_labels = labels is not None
     names = sorted({_label(lbl, use_labels) for row in (labels or []) if row for lbl in row}
-                   | {_label(p.label, use_labels) for row in predictions for p in row} | {UNLABELLED})
+                   | {_label(p.label, use_labels) for row in predictions for p in row}
+                   | {_label(lbl, use_labels) for row in (crowd or []) for _, lbl in row} | {UNLABELLED})
     category = {name: i + 1 for i, name in enumerate(names)}
     gt_annotations, dt_annotations = [], []
     for image_id, (preds, gts) in enumerate(zip(predictions, boxes, strict=True), start=1):
         gt_labels = (labels[image_id - 1] if use_labels else None) or [None] * len(gts)
         for box, lbl in zip(gts, gt_labels, strict=True):
             gt_annotations.append(_annotation(box, category[_label(lbl, use_labels)], image_id, None))
+        for box, lbl in (crowd[image_id - 1] if crowd else []):
+            gt_annotations.append(_annotation(box, category[_label(lbl, use_labels)], image_id, None) | {"iscrowd": 1})
         for pred in preds:
             confidence = 1.0 if pred.confidence is None else pred.confidence
             dt_annotations.append(_annotation(pred.box, category[_label(pred.label, use_labels)], image_id,
