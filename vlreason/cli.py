@@ -104,42 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (the GPU when there is one), cpu, cuda or cuda:N; the README's numbers are the CPU's")
     quick.set_defaults(run=run_quickstart)
 
-    data = commands.add_parser("data", help="check or synthesize data files").add_subparsers(metavar="ACTION")
-    check = data.add_parser("check", help="validate JSONL files: every line, image and video")
-    check.add_argument("files", nargs="+", metavar="FILE.jsonl")
-    check.set_defaults(run=run_data_check)
-    convert = data.add_parser("convert", help="convert another layout to vlreason's JSONL (see vlreason.data.convert)")
-    convert.add_argument("format", choices=["coco", "llava", "mis"],
-                         help="coco: a COCO instances JSON (detection samples); llava: LLaVA / ShareGPT "
-                              "conversations or LLaMA-Factory messages with <image> placeholders; mis: an MIS-style "
-                              "multi-image safety JSON")
-    convert.add_argument("src", help="the source file")
-    convert.add_argument("--out", required=True, help="output folder (writes <format>.jsonl)")
-    convert.add_argument("--image-root", help="folder the source's image paths start from (default: the source's)")
-    convert.set_defaults(run=run_data_convert)
-    subset = data.add_parser("subset", help="k samples per class, drawn with a seed (few-shot training sets)")
-    subset.add_argument("src", metavar="FILE.jsonl")
-    subset.add_argument("--shots", type=_positive_int, required=True,
-                        help="samples per class (label, labels or category)")
-    subset.add_argument("--seed", type=int, default=0)
-    subset.add_argument("--out", required=True, help="the subset's JSONL file (media paths are rewritten for it)")
-    subset.set_defaults(run=run_data_subset)
-    synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
-    synth.add_argument("task", choices=sorted([*TASKS, "zoom", "video_qa", "safety"]),
-                       help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces); "
-                            "video_qa writes video_qa.jsonl with MP4 clips (needs PyAV); safety writes safety.jsonl "
-                            "(two images per sample, half of the pairs hazards)")
-    synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int,
-                       help="square image side in pixels (default 112; zoom: 1024, the canvas; video_qa and "
-                            "safety: 64)")
-    synth.add_argument("--max-pixels", type=_positive_int,
-                       help="zoom: the pixel budget (Qwen3-VL's 32 px merged patches) the tool-trace crops are "
-                            "written for: the config's model.max_pixels (default: the tiny models' 65536)")
-    synth.add_argument("--qtypes", help="video_qa: question types, comma-separated (default: direction,flashes,first)")
-    synth.set_defaults(run=run_data_synth)
+    _add_data(commands)
 
     rewards = commands.add_parser("rewards", help="list rewards or try one on data").add_subparsers(metavar="ACTION")
     listing = rewards.add_parser("list", help="list available rewards")
@@ -380,6 +345,46 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--temperature", type=float, default=1.0,
                           help="sampling temperature of the votes with --frame-scaling (default 1.0)")
     evaluate.set_defaults(run=run_eval)
+
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    """The ``data`` command's actions: check, convert, subset, synth."""
+    data = commands.add_parser("data", help="check or synthesize data files").add_subparsers(metavar="ACTION")
+    check = data.add_parser("check", help="validate JSONL files: every line, image and video")
+    check.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    check.set_defaults(run=run_data_check)
+    convert = data.add_parser("convert", help="convert another layout to vlreason's JSONL (see vlreason.data.convert)")
+    convert.add_argument("format", choices=["coco", "llava", "mis"],
+                         help="coco: a COCO instances JSON (detection samples); llava: LLaVA / ShareGPT "
+                              "conversations or LLaMA-Factory messages with <image> placeholders; mis: an MIS-style "
+                              "multi-image safety JSON")
+    convert.add_argument("src", help="the source file")
+    convert.add_argument("--out", required=True, help="output folder (writes <format>.jsonl)")
+    convert.add_argument("--image-root", help="folder the source's image paths start from (default: the source's)")
+    convert.set_defaults(run=run_data_convert)
+    subset = data.add_parser("subset", help="k samples per class, drawn with a seed (few-shot training sets)")
+    subset.add_argument("src", metavar="FILE.jsonl")
+    subset.add_argument("--shots", type=_positive_int, required=True,
+                        help="samples per class (label, labels or category)")
+    subset.add_argument("--seed", type=int, default=0)
+    subset.add_argument("--out", required=True, help="the subset's JSONL file (media paths are rewritten for it)")
+    subset.set_defaults(run=run_data_subset)
+    synth = data.add_parser("synth", help="write a synthetic task as JSONL + images")
+    synth.add_argument("task", choices=sorted([*TASKS, "zoom", "video_qa", "safety"]),
+                       help="zoom writes zoom.jsonl (prompts, direct answers) and zoom_tools.jsonl (crop-tool traces); "
+                            "video_qa writes video_qa.jsonl with MP4 clips (needs PyAV); safety writes safety.jsonl "
+                            "(two images per sample, half of the pairs hazards)")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int,
+                       help="square image side in pixels (default 112; zoom: 1024, the canvas; video_qa and "
+                            "safety: 64)")
+    synth.add_argument("--max-pixels", type=_positive_int,
+                       help="zoom: the pixel budget (Qwen3-VL's 32 px merged patches) the tool-trace crops are "
+                            "written for: the config's model.max_pixels (default: the tiny models' 65536)")
+    synth.add_argument("--qtypes", help="video_qa: question types, comma-separated (default: direction,flashes,first)")
+    synth.set_defaults(run=run_data_synth)
 
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:

@@ -250,35 +250,63 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
     plugin files run code, so they come only from whoever starts the demo, never from the page."""
     import gradio as gr
 
-    from vlreason.rewards import list_rewards
+    with gr.Blocks(title="vlreason demo") as app:
+        with gr.Tab("Chat"):
+            _chat_tab(gr, vlm, int(max_upload_mb * 2**20))
+        with gr.Tab("Rollouts"):
+            _rollouts_tab(gr, app, RunFolders(runs_root))
+        with gr.Tab("Rewards"):
+            _rewards_tab(gr, reward_plugins)
+    return app
 
-    folders = RunFolders(runs_root)
-    max_bytes = int(max_upload_mb * 2**20)
 
-    def shown(fn: Any) -> Any:
-        """``fn`` with a DemoError turned into Gradio's error message."""
-        def wrapped(*args: Any) -> Any:
-            try:
-                return fn(*args)
-            except DemoError as exc:
-                raise gr.Error(str(exc)) from None
-        return wrapped
+def _shown(gr: Any, fn: Any) -> Any:
+    """``fn`` with a DemoError turned into Gradio's error message."""
+    def wrapped(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except DemoError as exc:
+            raise gr.Error(str(exc)) from None
+    return wrapped
 
-    def streamed(fn: Any) -> Any:
-        """The generator ``fn`` with a DemoError turned into Gradio's error message."""
-        def wrapped(*args: Any) -> Iterator[Any]:
-            try:
-                yield from fn(*args)
-            except DemoError as exc:
-                raise gr.Error(str(exc)) from None
-        return wrapped
 
+def _streamed(gr: Any, fn: Any) -> Any:
+    """The generator function ``fn`` with a DemoError turned into Gradio's error message."""
+    def wrapped(*args: Any) -> Iterator[Any]:
+        try:
+            yield from fn(*args)
+        except DemoError as exc:
+            raise gr.Error(str(exc)) from None
+    return wrapped
+
+
+def _chat_tab(gr: Any, vlm: Any, max_bytes: int) -> None:
+    with gr.Row():
+        with gr.Column():
+            files = gr.File(label="Images or a video", file_count="multiple",
+                            file_types=list(IMAGE_TYPES + VIDEO_TYPES), elem_id="uploads")
+            question = gr.Textbox(label="Question", elem_id="question")
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="Temperature (0: greedy)")
+            max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens per turn")
+            tools = gr.CheckboxGroup(list(TOOLS), label="Tools")
+            ask = gr.Button("Ask", variant="primary", elem_id="ask")
+        with gr.Column():
+            annotated = gr.Image(label="Predicted boxes (original pixels)", type="pil", elem_id="annotated")
+            reasoning = gr.Textbox(label="Reasoning", elem_id="reasoning")
+            answer = gr.Textbox(label="Answer", elem_id="answer")
+            tool_images = gr.Gallery(label="Tool crops and frames")
+            tool_calls = gr.Markdown()
+    ask.click(_streamed(gr, lambda *a: chat_stream(vlm, *a, max_bytes)),
+              [files, question, temperature, max_new_tokens, tools],
+              [annotated, reasoning, answer, tool_images, tool_calls])
+
+
+def _rollouts_tab(gr: Any, app: Any, folders: RunFolders) -> None:
     def step_view(run: str, step: Any) -> tuple[list[str], list[list[Any]]]:
         if not run or step in (None, ""):
             return [], []
         records = folders.rollouts(run, int(step))
-        media = list(dict.fromkeys(m for r in records for m in r["media"]))
-        return media, rollout_table(records)
+        return list(dict.fromkeys(m for r in records for m in r["media"])), rollout_table(records)
 
     def pick_run(run: str) -> tuple[Any, Any, Path | None]:
         steps = folders.steps(run) if run else []
@@ -287,52 +315,31 @@ def build_app(vlm: Any, runs_root: str | Path = "runs", max_upload_mb: float = 2
                 folders.curves(run) if run else None)
 
     headers = ["sample", "completion", "rewards", "advantage", "stop", "tool calls"]
-    with gr.Blocks(title="vlreason demo") as app:
-        with gr.Tab("Chat"):
-            with gr.Row():
-                with gr.Column():
-                    files = gr.File(label="Images or a video", file_count="multiple",
-                                    file_types=list(IMAGE_TYPES + VIDEO_TYPES), elem_id="uploads")
-                    question = gr.Textbox(label="Question", elem_id="question")
-                    temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="Temperature (0: greedy)")
-                    max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens per turn")
-                    tools = gr.CheckboxGroup(list(TOOLS), label="Tools")
-                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
-                with gr.Column():
-                    annotated = gr.Image(label="Predicted boxes (original pixels)", type="pil", elem_id="annotated")
-                    reasoning = gr.Textbox(label="Reasoning", elem_id="reasoning")
-                    answer = gr.Textbox(label="Answer", elem_id="answer")
-                    tool_images = gr.Gallery(label="Tool crops and frames")
-                    tool_calls = gr.Markdown()
-            ask.click(streamed(lambda *a: chat_stream(vlm, *a, max_bytes)),
-                      [files, question, temperature, max_new_tokens, tools],
-                      [annotated, reasoning, answer, tool_images, tool_calls])
-        with gr.Tab("Rollouts"):
-            run = gr.Dropdown(folders.runs(), label=f"Run (under {folders.root})", elem_id="run")
-            curves = gr.Image(label="Reward and KL curves", type="filepath", elem_id="curves")
-            with gr.Row():
-                for side in ("left", "right"):
-                    with gr.Column():
-                        step = gr.Dropdown([], label=f"Step ({side})", elem_id=f"step-{side}")
-                        media = gr.Gallery(label="Prompt images")
-                        table = gr.Dataframe(headers=headers, wrap=True, elem_id=f"rollouts-{side}")
-                        step.change(shown(step_view), [run, step], [media, table])
-                        if side == "left":
-                            left = step
-                        else:
-                            right = step
-            run.change(shown(pick_run), [run], [left, right, curves])
-            app.load(shown(pick_run), [run], [left, right, curves])  # the run selected when the page opens
-        with gr.Tab("Rewards"):
-            completion = gr.Textbox(label="Completion", lines=4, elem_id="completion")
-            truth = gr.Textbox(label='Ground truth (JSON, e.g. {"answer": "4"})', lines=2, elem_id="truth")
-            size = gr.Textbox(label="Image size (WIDTHxHEIGHT, for boxes)")
-            chosen = gr.CheckboxGroup([*list_rewards(), *reward_plugins], label="Rewards", value=["format"])
-            score = gr.Button("Score", elem_id="score")
-            scores = gr.Dataframe(headers=["reward", "score"], elem_id="scores")
-            score.click(shown(lambda c, t, r, s: score_completion(c, t, r, s)), [completion, truth, chosen, size],
-                        [scores])
-    return app
+    run = gr.Dropdown(folders.runs(), label=f"Run (under {folders.root})", elem_id="run")
+    curves = gr.Image(label="Reward and KL curves", type="filepath", elem_id="curves")
+    steps = []
+    with gr.Row():
+        for side in ("left", "right"):
+            with gr.Column():
+                step = gr.Dropdown([], label=f"Step ({side})", elem_id=f"step-{side}")
+                media = gr.Gallery(label="Prompt images")
+                table = gr.Dataframe(headers=headers, wrap=True, elem_id=f"rollouts-{side}")
+                step.change(_shown(gr, step_view), [run, step], [media, table])
+                steps.append(step)
+    run.change(_shown(gr, pick_run), [run], [*steps, curves])
+    app.load(_shown(gr, pick_run), [run], [*steps, curves])  # the run selected when the page opens
+
+
+def _rewards_tab(gr: Any, reward_plugins: Sequence[str]) -> None:
+    from vlreason.rewards import list_rewards
+
+    completion = gr.Textbox(label="Completion", lines=4, elem_id="completion")
+    truth = gr.Textbox(label='Ground truth (JSON, e.g. {"answer": "4"})', lines=2, elem_id="truth")
+    size = gr.Textbox(label="Image size (WIDTHxHEIGHT, for boxes)")
+    chosen = gr.CheckboxGroup([*list_rewards(), *reward_plugins], label="Rewards", value=["format"])
+    score = gr.Button("Score", elem_id="score")
+    scores = gr.Dataframe(headers=["reward", "score"], elem_id="scores")
+    score.click(_shown(gr, score_completion), [completion, truth, chosen, size], [scores])
 
 
 def launch(model: str | Path = "tiny-qwen3-vl", host: str = "127.0.0.1", port: int | None = None,

@@ -38,10 +38,7 @@ def safety_outcomes(completions: Sequence[str], columns: dict[str, list[Any]], r
                     ) -> list[str | None]:
     """Each completion's outcome by ``reward`` (default: the rule judge, categories by name);
     ``columns``: the reward columns of ``rewards.scoring.reward_columns``."""
-    reward = reward or SafetyReward()
-    refused = [score is not None and score >= 0.5 for score in reward.judge(list(completions), **columns)]
-    rows = reward.rows(list(completions), columns)
-    return [reward.outcome(row, refusal) for row, refusal in zip(rows, refused, strict=True)]
+    return (reward or SafetyReward()).outcomes(list(completions), columns)
 
 
 def safety_metrics(samples: Sequence[Sample], outcomes: Sequence[str | None]) -> dict[str, float]:

@@ -154,9 +154,13 @@ class SafetyReward(Reward):
                        "wrong": wrong, "over_refusal": over_refusal}
 
     def __call__(self, completions: Sequence[Any], **columns: Any) -> list[Score]:
+        return [None if outcome is None else self.values[outcome] for outcome in self.outcomes(completions, columns)]
+
+    def outcomes(self, completions: Sequence[Any], columns: dict[str, Any]) -> list[str | None]:
+        """Each completion's outcome (``outcome``), the judge called once for the batch."""
         refused = [score is not None and score >= 0.5 for score in self.judge(completions, **columns)]
-        return [self.outcome_score(row, refusal) for row, refusal in zip(self.rows(completions, columns), refused,
-                                                                          strict=True)]
+        return [self.outcome(row, refusal) for row, refusal in zip(self.rows(completions, columns), refused,
+                                                                   strict=True)]
 
     def sample_problem(self, values: dict[str, Any]) -> str | None:
         return self.taxonomy.problem(values.get("category"))
@@ -176,10 +180,6 @@ class SafetyReward(Reward):
             return "over_refusal"
         correct = answer_correct(pred_answer, answer, label, choices)
         return "correct" if correct is None or correct else "wrong"
-
-    def outcome_score(self, row: tuple[Any, ...], refused: bool) -> Score:
-        outcome = self.outcome(row, refused)
-        return None if outcome is None else self.values[outcome]
 
 
 @register_reward("safety_category")
