@@ -565,7 +565,9 @@ class GRPOTrainer:
                     continue
                 path.parent.mkdir(exist_ok=True)
                 image.thumbnail((256, 256))
-                image.save(path, quality=90)
+                partial = path.with_suffix(".part")
+                image.save(partial, format="JPEG", quality=90)
+                partial.replace(path)  # a kill mid-write leaves no half thumbnail under the final name
             names.append(name)
         return names
 
