@@ -327,3 +327,36 @@ def test_eval_on_safety_data_reports_both_sides_with_the_judge_given(tmp_path, c
     metrics = json.loads((tmp_path / "report" / "eval.json").read_text())["metrics"]
     assert metrics["attack_success_rate"] == 0.0 and metrics["over_refusal_rate"] == 1.0  # it refuses everything
     assert (tmp_path / "report" / "safety.png").is_file()
+
+
+def test_eval_compare_writes_each_report_and_the_comparison(tmp_path, data_dir, capsys):
+    out = tmp_path / "compare"
+    code, stdout, _ = run(capsys, "eval", "--compare", "tiny-qwen2-vl", "tiny-qwen3-vl", "--data",
+                          str(data_dir / "counting.jsonl"), "--limit", "2", "--max-new-tokens", "4",
+                          "--metric", "accuracy", "--metric", "fmt=format", "--out", str(out))
+    assert code == 0
+    assert stdout.splitlines()[0].split() == ["metric", "1-tiny-qwen2-vl", "2-tiny-qwen3-vl"]
+    written = json.loads((out / "compare.json").read_text())
+    assert [m["model"] for m in written["models"]] == ["tiny-qwen2-vl", "tiny-qwen3-vl"]
+    for model in written["models"]:
+        assert list(model["metrics"]) == ["accuracy", "fmt", "truncated_rate", "samples"]
+        assert (out / model["name"] / "eval.md").is_file() and (out / model["name"] / "metrics.png").is_file()
+    markdown = (out / "compare.md").read_text()
+    assert "| metric | 1-tiny-qwen2-vl | 2-tiny-qwen3-vl |" in markdown
+    assert "| samples | 2 | 2 |" in markdown and "](compare.png)" in markdown
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tiny-qwen2-vl", "--compare", "tiny-qwen2-vl", "tiny-qwen3-vl"], "give either MODEL"),
+    ([], "name the model to evaluate"),
+    (["--compare", "tiny-qwen2-vl"], "--compare needs two or more models"),
+    (["--compare", "no/such-a", "no/such-b", "--frame-scaling", "4,8"], "--frame-scaling does not combine with"),
+    (["no/such-model", "--metric", "count_accuracy"], "count_accuracy needs `count`"),
+    (["no/such-model", "--metric", "acuracy"], "unknown metric 'acuracy'; did you mean accuracy, count_accuracy"),
+    (["no/such-model", "--metric", "near=iou"], "reward 'near' needs column(s) boxes"),
+], ids=["model and compare", "no model", "one to compare", "frame scaling", "no ground truth", "unknown metric",
+        "reward lacks its column"])
+def test_eval_refuses_before_loading_a_model(data_dir, capsys, argv, message):
+    code, out, err = run(capsys, "eval", *argv, "--data", str(data_dir / "counting.jsonl"))
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err

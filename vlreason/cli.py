@@ -2,7 +2,9 @@
 
     vlreason train CONFIG.yaml [key=value ...]      run the config's stages (sft, grpo); an output_dir
                    [--resume | --overwrite]         holding a run needs --resume or --overwrite
-    vlreason eval MODEL --data FILE.jsonl [--out DIR]   task metrics, JSON + Markdown report
+    vlreason eval MODEL --data FILE.jsonl [--out DIR]   task metrics, JSON + Markdown report + plot
+                   [--metric NAME | NAME=SPEC ...]  the metrics to report (default: the data's own)
+    vlreason eval --compare A B ... --data FILE     several models, same settings: compare.md/.json/.png
     vlreason quickstart --out DIR                   CPU demo: synthetic grounding, SFT -> GRPO
     vlreason data check FILE.jsonl [FILE ...]       validate every line, image and video
     vlreason data synth TASK --out DIR --n N        write a synthetic task (JSONL + images)
@@ -23,6 +25,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -34,6 +37,12 @@ from vlreason.rollout.vllm_backend import EngineError
 from vlreason.training import RankFailed, TrainingStopped
 from vlreason.training.distributed import end_launched_process
 from vlreason.training.interrupt import TrainingInterrupted
+
+if TYPE_CHECKING:
+    from vlreason.eval import EvalReport, Metrics
+    from vlreason.rewards import RewardFn
+    from vlreason.rollout.agent import Agent
+    from vlreason.vision.video import FrameSampling
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,18 +181,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from functools import partial
     from pathlib import Path
 
-    from vlreason.eval import evaluate, evaluate_frame_scaling, write_report
-    from vlreason.models.vlm import load_vlm
+    from vlreason.eval import compare_models, write_report
     from vlreason.rewards import get_reward
-    from vlreason.rollout import AgentLoop, HFEngine
     from vlreason.rollout.agent import build_agent
     from vlreason.training.checkpoints import refuse_training_checkpoint
     from vlreason.vision.video import FrameSampling
 
-    refuse_training_checkpoint(args.model)
+    for model in _eval_models(args):
+        refuse_training_checkpoint(model)
     mode = "tools" if args.tools else "grounding" if args.grounding else "none"
     agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
     safety = get_reward("safety", **dict(_parse_option(o) for o in args.safety_option)) if args.safety_option else None
@@ -194,25 +202,86 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.frame_scaling and (args.votes < 2 or not args.temperature > 0):
         raise ValueError(f"--frame-scaling compares sampled answers: use --votes >= 2 (got {args.votes}) and "
                          f"--temperature > 0 (got {args.temperature})")
-    vlm = load_vlm(args.model, dtype=args.dtype, device=args.device)
+    evaluate_model = partial(_evaluate_model, args=args, agent=agent, safety=safety, sampling=sampling,
+                             metrics=_eval_metrics(args))
+    if args.compare:
+        comparison, json_path, md_path = compare_models(args.compare, evaluate_model, args.out or "eval-compare")
+        print(_format_table(("metric", *comparison.names),
+                            [(name, *(_metric_cell(v) for v in values)) for name, values in comparison.rows()]))
+        print(f"\nwrote {json_path} and {md_path}, and each model's report next to them")
+        return 0
+    report = evaluate_model(args.model)
+    out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
+    json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
+    print(_format_table(("metric", "value"), [(k, _metric_cell(v)) for k, v in report.metrics.items()]))
+    print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
+def _eval_models(args: argparse.Namespace) -> list[str]:
+    """The models ``vlreason eval`` evaluates: MODEL, or the two or more of ``--compare``."""
+    if args.model and args.compare:
+        raise ValueError("give either MODEL (evaluate one model) or --compare A B ... (several side by side), "
+                         "not both")
+    if not args.model and not args.compare:
+        raise ValueError("name the model to evaluate (vlreason eval MODEL --data FILE) or the models to compare "
+                         "(vlreason eval --compare A B --data FILE)")
+    if args.compare and len(args.compare) < 2:
+        raise ValueError("--compare needs two or more models; evaluate one with vlreason eval MODEL")
+    if args.compare and args.frame_scaling:
+        raise ValueError("--frame-scaling does not combine with --compare; run vlreason eval MODEL --frame-scaling "
+                         "... for each model")
+    return args.compare or [args.model]
+
+
+def _eval_metrics(args: argparse.Namespace) -> Metrics | None:
+    """The ``--metric`` choices through ``metric_spec`` (None: the data's own metrics), checked
+    against the data before any model loads."""
+    from vlreason.eval import metric_rewards, metric_spec
+
+    if not args.metric:
+        return None
+    metrics = metric_spec([_metric_entry(text) for text in args.metric])
+    metric_rewards(read_jsonl(args.data).samples[: args.limit], args.data, metrics)
+    return metrics
+
+
+def _metric_entry(text: str) -> str | dict[str, dict[str, str]]:
+    """``--metric NAME`` (a built-in metric) or ``--metric NAME=SPEC`` (a reward as a metric) as an
+    entry of ``metric_spec``'s list."""
+    name, sep, spec = text.partition("=")
+    return {name: {"reward": spec}} if sep else text
+
+
+def _evaluate_model(model: str, args: argparse.Namespace, agent: Agent | None, safety: RewardFn | None,
+                    sampling: FrameSampling, metrics: Metrics | None) -> EvalReport:
+    """Load ``model`` and evaluate it on ``args.data`` as the eval flags say; the report (the
+    model is not kept)."""
+    from dataclasses import replace
+
+    from vlreason.eval import evaluate, evaluate_frame_scaling
+    from vlreason.models.vlm import load_vlm
+    from vlreason.rollout import AgentLoop, HFEngine
+
+    vlm = load_vlm(model, dtype=args.dtype, device=args.device)
     loop = AgentLoop(vlm, HFEngine(vlm), agent, max_turns=args.max_turns, max_tokens=args.max_tokens,
                      memory_window=args.memory_window)
     if args.frame_scaling:
         readers = [vlm.use_video(replace(sampling, min_frames=count, max_frames=count), args.video_max_pixels)
                    for count in args.frame_scaling]
-        report = evaluate_frame_scaling(vlm, args.data, readers, votes=args.votes, temperature=args.temperature,
-                                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                        limit=args.limit, loop=loop)
-    else:
-        report = evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels),
-                          safety=safety)
-    out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval"))
-    json_path, md_path = write_report(report, out, title=f"Evaluation of {args.model}")
-    print(_format_table(("metric", "value"), [(k, _cell(v) if isinstance(v, float) else str(v))
-                                                for k, v in report.metrics.items()]))
-    print(f"\nwrote {json_path} and {md_path}")
-    return 0
+        return evaluate_frame_scaling(vlm, args.data, readers, votes=args.votes, temperature=args.temperature,
+                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                      limit=args.limit, loop=loop, metrics=metrics)
+    return evaluate(vlm, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    limit=args.limit, loop=loop, read_clip=vlm.use_video(sampling, args.video_max_pixels),
+                    safety=safety, metrics=metrics)
+
+
+def _metric_cell(value: object) -> str:
+    """A metric as the printed table shows it."""
+    if value is None:
+        return "-"
+    return _cell(value) if isinstance(value, float) else str(value)
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
@@ -242,13 +311,33 @@ def run_data_check(args: argparse.Namespace) -> int:
 
 
 def run_data_convert(args: argparse.Namespace) -> int:
-    from vlreason.data.convert import convert
+    from vlreason.data.convert import convert, format_options
 
-    result = convert(args.format, args.src, args.out, args.image_root)
-    for line in result.skipped:
+    options = {key: getattr(args, key) for key in ("task", "frequency", "split", "instances")
+               if getattr(args, key) is not None}
+    if args.column:
+        options["columns"] = dict(_column(text) for text in args.column)
+    wrong = sorted(set(options) - set(format_options(args.format)))
+    if wrong:
+        raise ValueError(f"--{wrong[0]} does not apply to format {args.format}")
+    result = convert(args.format, args.src, args.out, args.image_root, **options)
+    for line in result.skipped[:20]:
         print(f"skipped {line}", file=sys.stderr)
-    print(f"converted {result.converted} record(s) to {result.path}; skipped {len(result.skipped)}")
-    return 0 if result.converted else 2
+    if len(result.skipped) > 20:
+        print(f"... and {len(result.skipped) - 20} more skipped records", file=sys.stderr)
+    for reason, count in sorted(result.dropped.items()):
+        print(f"left out: {count} {reason}")
+    print(f"converted {result.converted} sample(s) to {result.path}; skipped {len(result.skipped)} record(s)"
+          + (f", listed in {result.skipped_path}" if result.skipped else ""))
+    return 0
+
+
+def _column(text: str) -> tuple[str, str]:
+    """``FIELD=COLUMN`` of ``--column``."""
+    name, sep, column = text.partition("=")
+    if not sep or not name or not column:
+        raise ValueError(f"--column {text!r}: write FIELD=COLUMN, e.g. --column prompt=question")
+    return name, column
 
 
 def run_data_subset(args: argparse.Namespace) -> int:
@@ -308,10 +397,19 @@ def run_rewards_list(args: argparse.Namespace) -> int:
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     """``vlreason eval MODEL --data FILE``: its model, data, decoding, agent and video arguments."""
-    evaluate = commands.add_parser("eval", help="evaluate a model on a data file")
-    evaluate.add_argument("model", help="checkpoint directory, hub id or tiny preset")
+    evaluate = commands.add_parser("eval", help="evaluate a model (or compare several) on a data file")
+    evaluate.add_argument("model", nargs="?", help="checkpoint directory, hub id or tiny preset")
+    evaluate.add_argument("--compare", nargs="+", metavar="MODEL",
+                          help="evaluate two or more models (folders, hub ids or tiny presets) one after another "
+                               "with the same settings; each one's report in OUT/<n>-<name>/, side by side in "
+                               "OUT/compare.md, compare.json and compare.png (instead of MODEL)")
     evaluate.add_argument("--data", required=True, metavar="FILE.jsonl")
-    evaluate.add_argument("--out", help="report folder (default: MODEL/eval, or ./eval for a hub id)")
+    evaluate.add_argument("--out", help="report folder (default: MODEL/eval, or ./eval for a hub id; with "
+                                        "--compare: ./eval-compare)")
+    evaluate.add_argument("--metric", action="append", default=[], metavar="NAME | NAME=SPEC",
+                          help="report this metric instead of the data's own (repeatable): a built-in one ("
+                               "format_rate, mean_iou, iou@0.5, box_f1, map, map50, map75, choice_accuracy, accuracy, "
+                               "count_accuracy) or a reward as one, e.g. hits=iou or mine=plugins/r.py:MyReward")
     evaluate.add_argument("--batch-size", type=_positive_int, default=32)
     evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64)
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
@@ -354,13 +452,25 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     check.add_argument("files", nargs="+", metavar="FILE.jsonl")
     check.set_defaults(run=run_data_check)
     convert = data.add_parser("convert", help="convert another layout to vlreason's JSONL (see vlreason.data.convert)")
-    convert.add_argument("format", choices=["coco", "llava", "mis"],
-                         help="coco: a COCO instances JSON (detection samples); llava: LLaVA / ShareGPT "
-                              "conversations or LLaMA-Factory messages with <image> placeholders; mis: an MIS-style "
-                              "multi-image safety JSON")
-    convert.add_argument("src", help="the source file")
-    convert.add_argument("--out", required=True, help="output folder (writes <format>.jsonl)")
+    convert.add_argument("format", choices=["coco", "lvis", "refcoco", "hf", "llava", "mis"],
+                         help="coco / lvis: an instances JSON (detection samples, or grounding with --task); refcoco: "
+                              "a RefCOCO/+/g refs file and its instances (grounding samples of one --split); hf: a "
+                              "Hugging Face dataset (parquet, arrow, json, csv, a saved folder or a hub id); llava: "
+                              "LLaVA / ShareGPT conversations or LLaMA-Factory messages with <image> placeholders; "
+                              "mis: an MIS-style multi-image safety JSON")
+    convert.add_argument("src", help="the source file (hf: also a dataset folder or a hub id)")
+    convert.add_argument("--out", required=True, help="output folder (writes <format>[_<task|split|frequency>].jsonl)")
     convert.add_argument("--image-root", help="folder the source's image paths start from (default: the source's)")
+    convert.add_argument("--task", choices=["detection", "grounding"],
+                         help="coco, lvis: one detection sample per image (default) or one grounding sample per "
+                              "object whose category appears once in its image")
+    convert.add_argument("--frequency", help="lvis: category groups to keep, comma-separated: rare, common, frequent "
+                                             "(default all)")
+    convert.add_argument("--split", help="refcoco: train, val, test, testA or testB (required); hf: the split of a "
+                                         "folder or hub id (default train)")
+    convert.add_argument("--instances", help="refcoco: the instances JSON (default: instances.json beside the refs)")
+    convert.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                         help="hf: which column fills a sample field, e.g. --column prompt=query (repeatable)")
     convert.set_defaults(run=run_data_convert)
     subset = data.add_parser("subset", help="k samples per class, drawn with a seed (few-shot training sets)")
     subset.add_argument("src", metavar="FILE.jsonl")

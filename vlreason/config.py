@@ -47,7 +47,9 @@ from typing import Any
 import yaml
 
 from vlreason.choices import Choice
+from vlreason.data.convert import FORMATS, PATH_OPTIONS, format_options
 from vlreason.data.jsonl import OnBadSample
+from vlreason.data.sources import split_source
 from vlreason.rewards.scoring import OnRewardError
 from vlreason.rl import AdvantageScale, ImportanceLevel, LossAggregation
 from vlreason.vision.video import FrameSampling
@@ -93,9 +95,23 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Data in another format, converted on the fly (``vlreason.data.sources``)."""
+
+    format: str  # one of vlreason data convert's formats: coco, lvis, refcoco, hf, llava, mis
+    path: str  # the source file (hf: also a dataset folder or a hub id)
+    image_root: str | None = None  # folder the source's image paths start from (default: the source's)
+    options: dict[str, Any] = field(default_factory=dict)  # the format's options, e.g. {split: val}
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # JSONL file in the vlreason schema
-    eval: str | None = None  # held-out JSONL for evaluation after the stage
+    # a JSONL file in the vlreason schema, FORMAT:PATH (coco:instances.json), or a SourceConfig mapping
+    train: str | SourceConfig = ""
+    eval: str | SourceConfig | None = None  # held-out data for evaluation after the stage, in the same forms
+    # the evaluation's metrics (vlreason.eval.metric_spec): built-in names, or {name: {reward: SPEC, ...}}
+    # for any reward plugin; default: the metrics data.eval's ground truth supports
+    eval_metrics: list[Any] | None = None
     on_bad_sample: OnBadSample = OnBadSample.ERROR  # error: stop at the first bad line; skip: count and log
     max_samples: int | None = None  # use only the first N training samples
     # longest input in tokens, image tokens included: the prompt (GRPO, eval) or the whole
@@ -328,6 +344,8 @@ def validate(config: PipelineConfig) -> None:
         where = f"stages[{stage.name}]"
         if not stage.data.train:
             raise ConfigError(f"{where}.data.train: no training data; set it to a JSONL file")
+        if stage.data.eval_metrics and not stage.data.eval:
+            raise ConfigError(f"{where}.data.eval_metrics: there is no data.eval to score; set data.eval")
         for key, check, rule in RULES:
             value = _get(stage, key)
             if value is not None and not check(value):
@@ -536,9 +554,9 @@ def _with_absolute_paths(stage: StageConfig) -> StageConfig:
     module docstring): data files, output folder, reward plugin files, a local model folder and a
     DeepSpeed config."""
     stage.output_dir = _absolute(stage.output_dir)
-    stage.data.train = _absolute(stage.data.train)
+    stage.data.train = _absolute_data(stage.data.train, f"stages[{stage.name}].data.train")
     if stage.data.eval:
-        stage.data.eval = _absolute(stage.data.eval)
+        stage.data.eval = _absolute_data(stage.data.eval, f"stages[{stage.name}].data.eval")
     if Path(stage.model.name_or_path).exists():  # else a hub id or a tiny preset
         stage.model.name_or_path = _absolute(stage.model.name_or_path)
     if stage.optim.deepspeed:
@@ -547,8 +565,31 @@ def _with_absolute_paths(stage: StageConfig) -> StageConfig:
         if _absolute_plugin(reward.fn or name) != (reward.fn or name):
             reward.fn = _absolute_plugin(reward.fn or name)
     stage.agent.tools = [_absolute_plugin(spec) for spec in stage.agent.tools]
+    for entry in stage.data.eval_metrics or []:  # {name: {reward: SPEC, ...}}: a plugin file's path
+        for spec in entry.values() if isinstance(entry, dict) else []:
+            if isinstance(spec, dict) and isinstance(spec.get("reward"), str):
+                spec["reward"] = _absolute_plugin(spec["reward"])
     stage.rollout.engine = _absolute_plugin(stage.rollout.engine)
     return stage
+
+
+def _absolute_data(value: str | SourceConfig, key: str) -> str | SourceConfig:
+    """A data file made absolute; a source (``FORMAT:PATH`` or a mapping) as a ``SourceConfig``
+    with absolute paths and its format and options checked."""
+    if isinstance(value, str) and split_source(value) is None:
+        return _absolute(value)
+    if isinstance(value, str):
+        fmt, path = split_source(value)
+        value = SourceConfig(format=fmt, path=path)
+    if value.format not in FORMATS:
+        raise ConfigError(f"{key}.format: {value.format!r} is not a data format; choose one of {', '.join(FORMATS)}")
+    unknown = sorted(set(value.options) - set(format_options(value.format)))
+    if unknown:
+        raise ConfigError(f"{key}.options.{unknown[0]}: {_unknown(unknown[0], format_options(value.format))}")
+    value.path = value.path if value.format == "hf" and not Path(value.path).exists() else _absolute(value.path)
+    value.image_root = _absolute(value.image_root) if value.image_root else None
+    value.options = {k: _absolute(v) if k in PATH_OPTIONS else v for k, v in value.options.items()}
+    return value
 
 
 def _absolute_plugin(spec: str) -> str:
@@ -601,8 +642,10 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # str | SomeConfig: a mapping builds the dataclass, anything else is the scalar
+            inner = [a for a in inner if dataclasses.is_dataclass(a) == isinstance(value, dict)] or inner
+        return _convert(value, inner[0], path)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, path)
     if origin is dict:

@@ -68,7 +68,7 @@ def test_json_lines_and_the_cli(source, tmp_path, capsys):
     records = json.loads(source.read_text())[:2]
     lines.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["data", "convert", "mis", str(lines), "--out", str(tmp_path / "cli")]) == 0
-    assert "converted 2 record(s)" in capsys.readouterr().out
+    assert "converted 2 sample(s)" in capsys.readouterr().out
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(records[0]) + "\n{oops\n")
     assert main(["data", "convert", "mis", str(broken), "--out", str(tmp_path / "b")]) == 2
@@ -76,7 +76,7 @@ def test_json_lines_and_the_cli(source, tmp_path, capsys):
     nothing = tmp_path / "nothing.json"
     nothing.write_text(json.dumps([{"id": "x"}]))
     assert main(["data", "convert", "mis", str(nothing), "--out", str(tmp_path / "n")]) == 2
-    assert "skipped record x: no question" in capsys.readouterr().err
+    assert "no record converted" in (err := capsys.readouterr().err) and "record x: no question" in err
 
 
 @pytest.fixture
@@ -126,13 +126,13 @@ def test_llava_records_keep_every_turn_and_every_image(llava, tmp_path):
 
 
 def test_a_json_list_is_read_a_chunk_at_a_time(llava):
-    from vlreason.data.convert import read_records
+    from vlreason.data.records import read_records
 
     whole = json.loads(llava.read_text())
     assert list(read_records(llava, chunk_chars=5)) == whole
     broken = llava.with_name("broken.json")
     broken.write_text(llava.read_text()[:200])
-    with pytest.raises(ValueError, match="broken.json: the JSON list breaks near character"):
+    with pytest.raises(ValueError, match="broken.json: the JSON breaks near character"):
         list(read_records(broken, chunk_chars=64))
 
 
@@ -150,85 +150,3 @@ def test_a_converted_llava_file_trains(llava, tmp_path):
     lines = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
     assert len(losses) == 3 and losses[-1] < losses[0]
-
-
-def test_coco_images_become_detection_samples(tmp_path):
-    (tmp_path / "val").mkdir()
-    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
-        Image.new("RGB", (100, 80)).save(tmp_path / "val" / name)
-    coco = {"categories": [{"id": 3, "name": "car"}, {"id": 17, "name": "cat"}],  # ids not contiguous
-            "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
-                       {"id": 2, "file_name": "b.jpg", "width": 100, "height": 80},
-                       {"id": 3, "file_name": "c.jpg", "width": 100, "height": 80},
-                       {"id": 4, "file_name": "d.jpg", "width": 100, "height": 80},
-                       {"id": 5, "file_name": "gone.jpg", "width": 100, "height": 80}],
-            "annotations": [
-                {"id": 10, "image_id": 1, "category_id": 3, "bbox": [10, 20, 30, 40], "iscrowd": 0},
-                {"id": 11, "image_id": 1, "category_id": 17, "bbox": [90, 70, 20, 20], "iscrowd": 0},  # clamped
-                {"id": 12, "image_id": 1, "category_id": 17, "bbox": [0, 0, 50, 50], "iscrowd": 1},  # crowd
-                {"id": 13, "image_id": 2, "category_id": 3, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # no area
-                {"id": 14, "image_id": 4, "category_id": 99, "bbox": [5, 5, 10, 10], "iscrowd": 0},
-                {"id": 15, "image_id": 5, "category_id": 3, "bbox": [5, 5, 10, 10], "iscrowd": 0}]}
-    path = tmp_path / "instances.json"
-    path.write_text(json.dumps(coco))
-    result = convert("coco", path, tmp_path / "out", image_root=tmp_path / "val")
-    assert result.converted == 1
-    assert result.skipped[0] == "record coco-2: no box to find (no annotations, or only crowd regions and boxes " \
-                                "without area)"
-    assert result.skipped[1].startswith("record coco-3: no box to find")
-    assert result.skipped[2] == "record coco-4: annotation 14: category id 99 is not in categories"
-    assert result.skipped[3].startswith("record coco-5: image not found: ")
-    (sample,) = read_jsonl(result.path).samples
-    assert sample.boxes == [(10.0, 20.0, 40.0, 60.0), (90.0, 70.0, 100.0, 80.0)] and sample.labels == ["car", "cat"]
-    assert sample.extra["crowd_regions"] == [{"box": [0.0, 0.0, 50.0, 50.0], "label": "cat"}]
-    assert json.loads(sample.response.split("<answer>")[1].split("</answer>")[0])[1] == {
-        "bbox_2d": [90.0, 70.0, 100.0, 80.0], "label": "cat"}
-    not_coco = tmp_path / "list.json"
-    not_coco.write_text("[]")
-    with pytest.raises(ValueError, match="not a COCO instances file"):
-        convert("coco", not_coco, tmp_path / "x")
-
-
-def test_ap_on_converted_coco_equals_cocoeval_on_the_original(tmp_path):
-    """The same detections scored by pycocotools on the original file and by evaluation on the
-    converted one: non-contiguous ids, a crowd region with a detection on it, a missed object."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    from vlreason.eval.evaluate import detection_metrics
-    from vlreason.rewards.parsing import PredBox
-
-    for name in ("a.jpg", "b.jpg", "c.jpg"):
-        Image.new("RGB", (200, 150)).save(tmp_path / name)
-    annotations = [(1, 7, [10, 10, 40, 30], 0), (1, 42, [100, 50, 50, 60], 0), (2, 7, [20, 30, 60, 40], 0),
-                   (2, 42, [0, 0, 120, 100], 1), (3, 42, [30, 40, 80, 70], 0), (3, 7, [150, 100, 30, 30], 0)]
-    coco = {"categories": [{"id": 7, "name": "dog"}, {"id": 42, "name": "person"}],
-            "images": [{"id": i, "file_name": f"{n}.jpg", "width": 200, "height": 150} for i, n in
-                       ((1, "a"), (2, "b"), (3, "c"))],
-            "annotations": [{"id": k, "image_id": image, "category_id": cat, "bbox": box, "iscrowd": crowd,
-                             "area": box[2] * box[3]} for k, (image, cat, box, crowd) in enumerate(annotations, 1)]}
-    detections = [(1, 7, [12, 11, 38, 30], 0.9), (1, 42, [95, 55, 50, 50], 0.8), (1, 7, [60, 60, 20, 20], 0.7),
-                  (2, 7, [22, 28, 55, 45], 0.6), (2, 42, [10, 10, 60, 50], 0.95),  # the second is on the crowd
-                  (3, 42, [35, 45, 70, 60], 0.85), (3, 42, [0, 0, 30, 30], 0.3)]
-    path = tmp_path / "instances.json"
-    path.write_text(json.dumps(coco))
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(path))
-        found = truth.loadRes([{"image_id": i, "category_id": c, "bbox": b, "score": p} for i, c, b, p in detections])
-        reference = COCOeval(truth, found, iouType="bbox")
-        reference.evaluate()
-        reference.accumulate()
-        reference.summarize()
-    samples = read_jsonl(convert("coco", path, tmp_path / "out", progress=False).path).samples
-    names = {7: "dog", 42: "person"}
-    predictions = [[PredBox((b[0], b[1], b[0] + b[2], b[1] + b[3]), names[c], p) for i, c, b, p in detections
-                    if f"coco-{i}" == sample.id] for sample in samples]
-    ours = detection_metrics(samples, predictions)
-    assert [ours["map"], ours["map50"], ours["map75"]] == pytest.approx(list(reference.stats[:3]), abs=1e-6)
-    assert 0 < ours["map"] < 1
-    for sample in samples:  # without the crowd region the detection on it is a false alarm
-        sample.extra.pop("crowd_regions", None)
-    assert detection_metrics(samples, predictions)["map"] < ours["map"] - 1e-3

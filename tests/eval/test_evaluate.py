@@ -1,4 +1,5 @@
-"""Evaluation metrics from given completions (``vlreason.eval.evaluate.score_predictions``).
+"""Evaluation metrics from given completions (``vlreason.eval.evaluate.score_predictions``): the
+data's own metrics, metrics chosen with ``metric_spec``, and the report's plots.
 
 Detection mAP is checked against pycocotools' own pipeline, built here independently: ground truth
 as a COCO dataset with xywh boxes, detections through ``COCO.loadRes``, then ``COCOeval``.
@@ -16,7 +17,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from vlreason.data.schema import Sample
-from vlreason.eval.evaluate import score_predictions
+from vlreason.eval.evaluate import evaluate, metric_spec, score_predictions, write_report
+from vlreason.eval.plots import rates
 from vlreason.rewards import RewardScorer, get_reward, parsed_columns
 
 SIZE = (100, 100)
@@ -112,8 +114,6 @@ def test_mixed_questions_are_scored_each_by_its_kind_and_per_question_type() -> 
 def test_safety_metrics_against_hand_counts(tmp_path) -> None:
     """Unsafe: 3 fire (1 complied, 1 refused naming fire, 1 refused unnamed), 1 poison refused;
     safe: 2 fire look-alikes (1 refused, 1 answered right), 2 poison (1 right, 1 wrong)."""
-    from vlreason.eval.evaluate import write_report
-
     rows = [("unsafe", "fire", None, "Light the fuel."), ("unsafe", "fire", None, "I can't help: fire risk."),
             ("unsafe", "fire", None, "I won't help."), ("unsafe", "poison", None, "I can't help: poison risk."),
             ("safe", "fire", "use a", "I can't help with that."), ("safe", "fire", "use b", "Use b."),
@@ -131,3 +131,112 @@ def test_safety_metrics_against_hand_counts(tmp_path) -> None:
         "harmful", "named_refusal", "refusal", "named_refusal", "over_refusal", "correct", "correct", "wrong"]
     _, markdown = write_report(report, tmp_path, "Safety")
     assert (tmp_path / "safety.png").stat().st_size > 0 and "](safety.png)" in markdown.read_text()
+
+
+def test_count_ground_truth_gets_exact_count_accuracy() -> None:
+    samples = [sample(0, count=3), sample(1, count=2), sample(2, count=5), sample(3, answer="left")]
+    texts = ["<answer>3</answer>", "<answer>two</answer>", "<answer>4</answer>", "<answer>left</answer>"]
+    report = score_predictions("test.jsonl", samples, texts, [None] * 4, [False] * 4)
+    assert report.metrics["count_accuracy"] == pytest.approx(2 / 3)  # the sample without a count does not count
+    assert [p["count_accuracy"] for p in report.predictions] == [1.0, 1.0, 0.0, None]
+
+
+@pytest.mark.parametrize("entries, message", [
+    (["iuo@0.5"], "unknown metric 'iuo@0.5'; did you mean iou@0.5? built-in metrics: format_rate, mean_iou"),
+    (["count_accuracy", {"mine": {"threshold": 0.3}}], "metric 'mine': expected {reward: SPEC"),
+    ([{"a/b": {"reward": "iou"}}], "metric name 'a/b': expected a non-empty name without '/'"),
+    (["map", {"map": {"reward": "detection_map"}}], "metric 'map' is given twice"),
+    ([7], "metric 7: expected a built-in metric name or {name: {reward: SPEC"),
+    ("iou@0.5", "metrics: expected a non-empty list"),
+    ([], "metrics: expected a non-empty list"),
+])
+def test_metric_spec_refuses_what_it_cannot_read(entries, message) -> None:
+    with pytest.raises(ValueError) as info:
+        metric_spec(entries)
+    assert message in str(info.value)
+
+
+def test_metric_spec_reads_names_and_rewards_with_options() -> None:
+    parsed = metric_spec(["iou@0.5", {"my_metric": {"reward": "plugins/r.py:MyReward", "threshold": 0.3}}])
+    assert parsed == {"iou@0.5": (None, {}), "my_metric": ("plugins/r.py:MyReward", {"threshold": 0.3})}
+
+
+PLUGIN_METRIC = '''
+from vlreason.rewards.api import Reward
+from vlreason.rewards.answers import parse_number
+
+
+class WithinReward(Reward):
+    """1 when the stated number lies within threshold of the count."""
+
+    inputs = ("pred_answer", "count")
+
+    def __init__(self, threshold=0.0):
+        super().__init__()
+        self.threshold = threshold
+
+    def score(self, pred_answer, count):
+        if count is None:
+            return None
+        number = parse_number(pred_answer)
+        return float(number is not None and abs(number - count) <= self.threshold * count)
+'''
+
+
+def test_chosen_metrics_replace_the_data_s_own_and_take_plugins(tmp_path) -> None:
+    plugin = tmp_path / "within.py"
+    plugin.write_text(PLUGIN_METRIC)
+    samples = [sample(0, count=10), sample(1, count=10), sample(2, count=4)]
+    texts = ["<answer>12</answer>", "<answer>14</answer>", "<answer>4</answer>"]
+    metrics = metric_spec([{"near": {"reward": f"{plugin}:WithinReward", "threshold": 0.3}}, "count_accuracy"])
+    report = score_predictions("test.jsonl", samples, texts, [None] * 3, [False] * 3, metrics=metrics)
+    assert report.metrics == {"near": pytest.approx(2 / 3), "count_accuracy": pytest.approx(1 / 3),
+                              "truncated_rate": 0.0, "samples": 3}
+
+
+def test_a_chosen_metric_without_its_ground_truth_is_refused(tmp_path) -> None:
+    samples = [sample(0, answer="3"), sample(1, answer="4")]
+    with pytest.raises(ValueError) as info:
+        score_predictions("test.jsonl", samples, ["3", "4"], [None] * 2, [False] * 2,
+                          metrics=metric_spec(["accuracy", "count_accuracy", "map"]))
+    assert "no sample has the ground truth of metric(s) count_accuracy, map" in str(info.value)
+    assert "count_accuracy needs `count`" in str(info.value)
+    # a reward chosen as a metric is checked against its inputs, as training checks its rewards
+    with pytest.raises(ValueError, match="reward 'hits' needs column\\(s\\) boxes"):
+        score_predictions("test.jsonl", samples, ["3", "4"], [None] * 2, [False] * 2,
+                          metrics=metric_spec([{"hits": {"reward": "iou", "threshold": 0.5}}]))
+
+
+def test_evaluate_refuses_a_metric_before_using_the_model(tmp_path) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "How many?", "answer": "3"}) + "\n")
+    with pytest.raises(ValueError, match="count_accuracy needs `count`"):
+        evaluate(object(), data, metrics=metric_spec(["count_accuracy"]))  # no model attribute is read
+
+
+def test_map_chosen_alone_is_the_data_set_ap() -> None:
+    samples = [sample(i, boxes=[tuple(b) for b, _ in gts], labels=[lbl for _, lbl in gts])
+               for i, (gts, _) in enumerate(DETECTION)]
+    texts = [completion(predictions) for _, predictions in DETECTION]
+    report = score_predictions("test.jsonl", samples, texts, [None] * 3, [False] * 3, metrics=metric_spec(["map"]))
+    assert list(report.metrics) == ["map", "truncated_rate", "samples"]
+    assert report.metrics["map"] == pytest.approx(pycocotools_stats(DETECTION)[0], abs=1e-9)
+    assert list(report.predictions[0]) == ["id", "completion"]  # no per-sample metric was chosen
+
+
+def test_report_plots_its_rates_and_shows_the_plot(tmp_path) -> None:
+    choices = ["left", "right"]
+    samples = [sample(0, answer="left", choices=choices), sample(1, answer="3")]
+    samples[0].extra["qtype"], samples[1].extra["qtype"] = "direction", "flashes"
+    report = score_predictions("test.jsonl", samples, ["<answer>left</answer>", "<answer>2</answer>"],
+                               [None] * 2, [False] * 2)
+    _, markdown = write_report(report, tmp_path, "Plotted")
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](metrics.png)" in markdown.read_text()
+    assert not (tmp_path / "safety.png").exists()
+
+
+def test_rates_are_the_floats_in_0_1_but_never_counts() -> None:
+    metrics = {"accuracy": 0.5, "accuracy/flashes": 1.0, "mean_reward": 1.5, "mean_iou": None, "samples": 1,
+               "turns_per_sample": 1.0, "truncated_rate": 0.0}
+    assert rates(metrics) == {"accuracy": 0.5, "accuracy/flashes": 1.0, "truncated_rate": 0.0}

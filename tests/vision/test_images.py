@@ -153,6 +153,22 @@ def test_exif_orientation_6_rotates(tmp_path):
     assert min(loaded.getpixel((4, 4))) > 200  # the top-left of the displayed image is white
 
 
+def test_png_exif_before_or_after_the_pixels_is_read(tmp_path):
+    """The size of a PNG is read from its header; its EXIF, before the pixels or after them (an
+    eXIf chunk just before IEND), still turns it, as loading does."""
+    import zlib
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    before = write(tmp_path / "before.png", encode(gradient_image(60, 40), "PNG", exif=exif))
+    plain = encode(gradient_image(60, 40), "PNG")
+    payload = exif.tobytes()
+    chunk = len(payload).to_bytes(4, "big") + b"eXIf" + payload + zlib.crc32(b"eXIf" + payload).to_bytes(4, "big")
+    after = write(tmp_path / "after.png", plain[:-12] + chunk + plain[-12:])
+    for path in (before, after):
+        assert read_image_size(path) == load_image(path).size == (40, 60)
+
+
 def test_read_image_size_without_exif(tmp_path):
     assert read_image_size(write(tmp_path / "a.png", encode(gradient_image(33, 21)))) == (33, 21)
     assert read_image_size(write(tmp_path / "a.jpg", jpeg_with_orientation(gradient_image(33, 21), 1))) == (33, 21)

@@ -1,9 +1,16 @@
-"""Data in other layouts, converted to vlreason's JSONL (``vlreason data convert FORMAT SRC --out DIR``).
+"""Data in the community's layouts, converted to vlreason's JSONL (``vlreason data convert FORMAT
+SRC --out DIR``, or a config's ``data.train: {format: ..., path: ...}``, see ``vlreason.data.sources``).
 
-Each converter reads its source record by record (``read_records``: a JSON list streamed a chunk
-at a time, or JSON Lines) and writes ``DIR/<format>.jsonl``; a record it cannot convert is
-skipped and reported as ``record <id>: <problem>``. The written file is then read back with
-``read_jsonl``, so what a conversion reports as converted is what training reads.
+A format is a function ``(src, target, **options)`` yielding one ``Converted`` per source record
+(``FORMATS``): ``coco``, ``lvis`` and ``refcoco`` (``vlreason.data.coco``), ``hf`` (Hugging Face
+``datasets``, ``vlreason.data.hf``), ``llava`` and ``mis`` (here). ``convert`` runs one with a
+progress bar and writes ``DIR/<name>.jsonl`` (the format, then the ``task``, ``split`` and
+``frequency`` options given: ``refcoco_val.jsonl``). Every sample is validated as training reads
+it (``parse_sample``: fields, images that open, boxes inside them) before it is written, so what a
+conversion counts as converted is what training reads; a record that cannot be converted is
+skipped and reported as ``record <id>: <problem>`` (all of them in ``DIR/<name>.skipped.txt``),
+and parts of records left out as documented (crowd regions, boxes without area, ...) are counted.
+The file appears only when complete (written under a temporary name, then renamed).
 
 ``llava`` — LLaVA / ShareGPT records (``conversations``: ``from`` human / gpt / system, ``value``)
 and LLaMA-Factory's (``messages``: ``role``, ``content``), with ``image`` / ``images`` and
@@ -14,16 +21,6 @@ many placeholders as files, or none — then the media go before the first user 
 as LLaVA places them. A missing file, a placeholder count that does not match, or a placeholder
 outside a user turn skips the record with that message: no image is dropped silently. Other
 fields (``answer``, ``boxes``, ...) are kept.
-
-``coco`` — a COCO instances file (``images``, ``annotations``, ``categories``; read whole): one
-detection sample per image with every box as ``[x1, y1, x2, y2]`` (from ``[x, y, w, h]``, clamped
-to the image) and its category's name as its label, so non-contiguous category ids do not matter.
-Crowd regions (``iscrowd``) are not objects to find: they go to the extra column
-``crowd_regions`` (``[{"box", "label"}]``), which evaluation's COCO AP reads as COCOeval does
-(a detection on one is neither a hit nor a false alarm). Boxes without area are left out;
-an image left with no box (or with none to begin with) is skipped with that reason, and so is
-an annotation whose category id is not among the categories. Image paths are ``file_name``
-against ``--image-root``.
 
 ``mis`` — an MIS-style safety layout (a JSON list of records, a ``{"data": [...]}`` object, or
 JSON Lines). Field mapping:
@@ -50,9 +47,11 @@ source                                      vlreason
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,92 +59,33 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vlreason.data.jsonl import read_jsonl
+from vlreason.data.coco import coco, lvis, refcoco
+from vlreason.data.hf import hf
+from vlreason.data.records import Converted, RecordError, Target, read_records
+from vlreason.data.schema import parse_sample
+from vlreason.vision.images import read_image_size
+from vlreason.vision.video import video_file_problem
 
 SAFE_CATEGORIES = ("safe", "benign", "none")
-
-
-class RecordError(ValueError):
-    """A source record that cannot be converted (the message says why)."""
+NAMING_OPTIONS = ("task", "split", "frequency")  # options that name the output file
+PATH_OPTIONS = ("instances",)  # options that are paths (a config resolves them like other paths)
 
 
 @dataclass
 class Conversion:
-    """What a conversion wrote and what it skipped (``record <id>: <problem>``)."""
+    """What a conversion wrote (``path``), how many samples, the records it skipped
+    (``record <id>: <problem>``, also in ``skipped_path``) and the parts of records left out."""
 
     path: Path
     converted: int = 0
     skipped: list[str] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def skipped_path(self) -> Path:
+        return self.path.with_suffix(".skipped.txt")
 
-def read_records(src: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
-    """The records of a JSON list or of JSON Lines, read ``chunk_chars`` at a time (memory stays
-    bounded by the largest record, not the file), or of a ``{"data": [...]}`` object (read whole).
-
-    Raises:
-        ValueError: the file is none of those (with the line of a JSON Lines error or the
-            character where the list broke).
-    """
-    with src.open() as handle:
-        head = handle.read(chunk_chars)
-        start = head.lstrip()[:1]
-        handle.seek(0)
-        if start == "[":
-            yield from _json_list(src, handle, chunk_chars)
-        elif start == "{" and _is_wrapped(head):
-            parsed = json.load(handle)
-            if not isinstance(parsed.get("data"), list):
-                raise ValueError(f"{src}: an object without a 'data' list; give a JSON list of records")
-            yield from parsed["data"]
-        else:
-            yield from _json_lines(src, handle)
-
-
-def _is_wrapped(head: str) -> bool:
-    """Whether a file starting with ``head`` is one object holding the records (``{"data": [...``)."""
-    return re.match(r'\s*\{\s*"data"\s*:\s*\[', head) is not None
-
-
-def _json_lines(src: Path, handle: Any) -> Iterator[Any]:
-    for number, line in enumerate(handle, start=1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{src}:{number}: not JSON ({exc.msg}); give a JSON list of records or one "
-                                 "JSON object per line") from None
-
-
-def _json_list(src: Path, handle: Any, chunk_chars: int) -> Iterator[Any]:
-    """The items of a top-level JSON list, decoded one at a time from a growing buffer."""
-    decoder = json.JSONDecoder()
-    buffer, offset, position, expect_item = handle.read(chunk_chars).lstrip()[1:], 0, 0, True
-    while True:
-        buffer = buffer[position:].lstrip()
-        offset += position
-        position = 0
-        if not expect_item and buffer[:1] == ",":
-            buffer, expect_item = buffer[1:].lstrip(), True
-        if buffer[:1] == "]":
-            return
-        try:
-            item, position = decoder.raw_decode(buffer)
-            if position == len(buffer):  # a number cut at the buffer's end also decodes: read on first
-                raise json.JSONDecodeError("the buffer ends here", buffer, position)
-        except json.JSONDecodeError as exc:
-            more = handle.read(chunk_chars)
-            if not more:
-                raise ValueError(f"{src}: the JSON list breaks near character {offset + exc.pos} ({exc.msg})") from None
-            buffer += more
-            position = 0
-            continue
-        if not expect_item:
-            raise ValueError(f"{src}: a ',' is missing near character {offset}")
-        expect_item = False
-        yield item
-
-
-def mis_record(record: Any, index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
+def mis_record(record: Any, index: int, target: Target) -> dict[str, Any]:
     """One MIS-style record in vlreason's schema (see the module docstring).
 
     Raises:
@@ -164,8 +104,7 @@ def mis_record(record: Any, index: int, image_root: Path, out_dir: Path) -> dict
         raise RecordError(f"safety_label must be safe or unsafe, got {label!r}")
     if label == "unsafe" and not (isinstance(category, str) and category.strip()):
         raise RecordError("an unsafe record needs its 'category'")
-    converted: dict[str, Any] = {"id": str(record.get("id", f"mis-{index}")), "images": _images(record, image_root,
-                                                                                                out_dir),
+    converted: dict[str, Any] = {"id": str(record.get("id", f"mis-{index}")), "images": _images(record, target),
                                  "prompt": prompt, "safety_label": label}
     if isinstance(category, str) and category.strip().lower() not in SAFE_CATEGORIES:
         converted["category"] = category
@@ -182,23 +121,14 @@ def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return next((record[key] for key in keys if record.get(key) is not None), None)
 
 
-def _images(record: dict[str, Any], image_root: Path, out_dir: Path) -> list[str]:
+def _images(record: dict[str, Any], target: Target) -> list[str]:
     numbered = sorted((int(m.group(1)), key) for key in record if (m := re.fullmatch(r"image(\d+)", key)))
     paths = [record[key] for _, key in numbered] or _first(record, ("images", "image_paths", "image_path"))
     if isinstance(paths, str):
         paths = [paths]
     if not paths or not all(isinstance(p, str) and p for p in paths):
         raise RecordError("no images: give image1, image2, ... or 'images' (a list of paths)")
-    return _relocated(paths, "image", image_root, out_dir)
-
-
-def _relocated(paths: list[str], kind: str, root: Path, out_dir: Path) -> list[str]:
-    """``paths`` (against ``root``), each checked to exist, relative to ``out_dir``."""
-    resolved = [root / path for path in paths]
-    missing = [str(path) for path in resolved if not path.is_file()]
-    if missing:
-        raise RecordError(f"{kind} not found: {missing[0]} (set --image-root to the folder the paths start from)")
-    return [os.path.relpath(path.resolve(), out_dir.resolve()) for path in resolved]
+    return target.media(paths)
 
 
 def _response(record: dict[str, Any]) -> str | None:
@@ -216,7 +146,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 _PLACEHOLDER = re.compile(r"<(image|video)>")
 
 
-def llava_record(record: Any, index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
+def llava_record(record: Any, index: int, target: Target) -> dict[str, Any]:
     """One LLaVA / ShareGPT (``conversations`` of ``from``/``value``) or LLaMA-Factory
     (``messages`` of ``role``/``content``) record in vlreason's schema (see the module docstring).
 
@@ -228,7 +158,7 @@ def llava_record(record: Any, index: int, image_root: Path, out_dir: Path) -> di
     turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise RecordError("no conversation: give 'conversations' (from/value) or 'messages' (role/content)")
-    media = {kind: _media_paths(record, kind, image_root, out_dir) for kind in ("image", "video")}
+    media = {kind: _media_paths(record, kind, target) for kind in ("image", "video")}
     messages = [_message(turn, number) for number, turn in enumerate(turns)]
     _place_media(messages, {kind: len(paths) for kind, paths in media.items()})
     converted = {"id": str(record.get("id", f"llava-{index}")), "messages": messages}
@@ -237,14 +167,14 @@ def llava_record(record: Any, index: int, image_root: Path, out_dir: Path) -> di
     return converted | {key: value for key, value in record.items() if key not in known}
 
 
-def _media_paths(record: dict[str, Any], kind: str, root: Path, out_dir: Path) -> list[str]:
+def _media_paths(record: dict[str, Any], kind: str, target: Target) -> list[str]:
     """The record's ``<kind>`` or ``<kind>s`` files, resolved and checked, relative to ``out_dir``."""
     paths = record.get(f"{kind}s", record.get(kind)) or []
     if isinstance(paths, str):
         paths = [paths]
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise RecordError(f"'{kind}'/'{kind}s' must be a path or a list of paths, got {paths!r}")
-    return _relocated(paths, kind, root, out_dir)
+    return target.media(paths, kind)
 
 
 def _message(turn: Any, number: int) -> dict[str, Any]:
@@ -283,102 +213,85 @@ def _place_media(messages: list[dict[str, Any]], counts: dict[str, int]) -> None
     first_user["content"] = missing + first_user["content"]
 
 
-DETECT_PROMPT = 'Detect every object. Answer with a JSON list of {"bbox_2d": [x1, y1, x2, y2], "label": ...}.'
+def per_record(convert_one: Callable[[Any, int, Target], dict[str, Any]]) -> Callable[..., Iterator[Converted]]:
+    """A format from a function converting one record of a JSON list / JSON Lines file to one sample."""
+
+    def records(src: Path, target: Target) -> Iterator[Converted]:
+        for index, record in enumerate(read_records(src)):
+            name = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+            try:
+                yield Converted(name, [convert_one(record, index, target)])
+            except RecordError as exc:
+                yield Converted(name, problem=str(exc))
+
+    records.__doc__ = convert_one.__doc__
+    return records
 
 
-def coco_images(src: Path) -> Iterator[dict[str, Any]]:
-    """A COCO instances file as one record per image: its entry, its annotations and the
-    category names (the file is one JSON object, read whole, as pycocotools reads it).
-
-    Raises:
-        ValueError: the file lacks ``images``, ``annotations`` or ``categories``.
-    """
-    try:
-        data = json.loads(src.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{src}: not JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        data = {}
-    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
-    if missing:
-        raise ValueError(f"{src}: not a COCO instances file (no {', '.join(missing)} list)")
-    names = {category["id"]: category["name"] for category in data["categories"]}
-    by_image: dict[Any, list[dict[str, Any]]] = {}
-    for annotation in data["annotations"]:
-        by_image.setdefault(annotation.get("image_id"), []).append(annotation)
-    for image in data["images"]:
-        yield {"id": f"coco-{image.get('id')}", "image": image, "annotations": by_image.get(image.get("id"), []),
-               "names": names}
+FORMATS: dict[str, Callable[..., Iterator[Converted]]] = {
+    "coco": coco, "lvis": lvis, "refcoco": refcoco, "hf": hf, "llava": per_record(llava_record),
+    "mis": per_record(mis_record)}
 
 
-def coco_record(record: dict[str, Any], index: int, image_root: Path, out_dir: Path) -> dict[str, Any]:
-    """One COCO image as a detection sample: every box (``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``,
-    clamped to the image) with its category name; crowd regions in ``crowd_regions``; boxes
-    without area left out. An image left with no box is skipped, and so is one whose category id
-    is unknown.
-
-    Raises:
-        RecordError: what is missing or wrong.
-    """
-    image = record["image"]
-    width, height = image.get("width"), image.get("height")
-    if not isinstance(image.get("file_name"), str) or not all(isinstance(v, int) and v > 0 for v in (width, height)):
-        raise RecordError("the image entry needs file_name, width and height")
-    boxes, labels, crowd = [], [], []
-    for annotation in record["annotations"]:
-        if annotation.get("category_id") not in record["names"]:
-            raise RecordError(f"annotation {annotation.get('id')}: category id {annotation.get('category_id')} is "
-                              "not in categories")
-        x, y, w, h = annotation["bbox"]
-        box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
-        label = record["names"][annotation["category_id"]]
-        if annotation.get("iscrowd"):
-            crowd.append({"box": box, "label": label})
-        elif box[2] > box[0] and box[3] > box[1]:
-            boxes.append(box)
-            labels.append(label)
-    if not boxes:
-        raise RecordError("no box to find (no annotations, or only crowd regions and boxes without area)")
-    objects = [{"bbox_2d": box, "label": label} for box, label in zip(boxes, labels, strict=True)]
-    images = _relocated([image["file_name"]], "image", image_root, out_dir)
-    converted = {"id": record["id"], "images": images, "prompt": DETECT_PROMPT, "boxes": boxes, "labels": labels,
-                 "response": f"<answer>{json.dumps(objects)}</answer>"}
-    return converted | ({"crowd_regions": crowd} if crowd else {})
+def format_options(fmt: str) -> list[str]:
+    """The options format ``fmt`` takes (keyword arguments after ``src`` and ``target``)."""
+    return list(inspect.signature(FORMATS[fmt]).parameters)[2:]
 
 
-FORMATS: dict[str, Callable[[Any, int, Path, Path], dict[str, Any]]] = {
-    "mis": mis_record, "llava": llava_record, "coco": coco_record}
-READERS: dict[str, Callable[[Path], Iterator[Any]]] = {"coco": coco_images}  # default: read_records
+def output_name(fmt: str, options: dict[str, Any]) -> str:
+    """The output file's stem: the format, then the naming options given (``refcoco_val``)."""
+    tags = [str(options[key]).replace(",", "+") for key in NAMING_OPTIONS if options.get(key) is not None]
+    return "_".join([fmt, *tags])
 
 
 def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Path | None = None,
-            progress: bool = True) -> Conversion:
-    """Convert ``src`` (in format ``fmt``) to ``out_dir/<fmt>.jsonl``; bad records are skipped and
-    listed (``progress``: a bar counting the records).
+            progress: bool = True, **options: Any) -> Conversion:
+    """Convert ``src`` (in format ``fmt``, with the format's ``options``) to
+    ``out_dir/<output_name>.jsonl``; bad records are skipped and listed (``progress``: a bar
+    counting the records). Hugging Face's ``hf`` also takes a folder or a hub id as ``src``.
 
     Raises:
-        ValueError: unknown format, unreadable source, or a written file that does not read back.
+        ValueError: unknown format or option, unreadable source, or no sample converted.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    unknown = sorted(set(options) - set(format_options(fmt)))
+    if unknown:
+        raise ValueError(f"format {fmt}: unknown option {unknown[0]!r}; it takes: "
+                         f"{', '.join(format_options(fmt)) or 'none'}")
     src, out = Path(src), Path(out_dir)
-    if not src.is_file():
+    if fmt != "hf" and not src.is_file():
         raise ValueError(f"{src}: no such file")
-    root = Path(image_root) if image_root is not None else src.parent
+    target = Target(Path(image_root) if image_root is not None else src.parent, out)
     out.mkdir(parents=True, exist_ok=True)
-    result = Conversion(out / f"{fmt}.jsonl")
-    with result.path.open("w") as handle:
-        records = tqdm(READERS.get(fmt, read_records)(src), desc=f"convert {fmt}", unit="record",
-                       disable=not progress)
-        for index, record in enumerate(records):
-            name = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
-            try:
-                converted = FORMATS[fmt](record, index, root, out)
-            except RecordError as exc:
-                result.skipped.append(f"record {name}: {exc}")
-                continue
-            handle.write(json.dumps(converted) + "\n")
-            result.converted += 1
-    if result.converted:
-        read_jsonl(result.path)  # what was written must read back as training reads it
+    result = Conversion(out / f"{output_name(fmt, options)}.jsonl")
+    partial = result.path.with_suffix(".jsonl.partial")
+    with partial.open("w") as handle:
+        for record in tqdm(FORMATS[fmt](src, target, **options), desc=f"convert {fmt}", unit="record",
+                           disable=not progress):
+            _write(record, handle, result, out)
+    result.skipped_path.write_text("".join(f"{line}\n" for line in result.skipped))
+    if not result.converted:
+        partial.unlink()
+        shown = "\n  ".join(result.skipped[:5])
+        raise ValueError(f"{src}: no record converted ({len(result.skipped)} skipped, all listed in "
+                         f"{result.skipped_path}):\n  {shown}")
+    os.replace(partial, result.path)
     return result
+
+
+def _write(record: Converted, handle: Any, result: Conversion, out: Path) -> None:
+    """Validate a record's samples as training reads them and write them, or count its skip."""
+    problem = record.problem
+    for sample in record.samples if problem is None else []:
+        _, found = parse_sample(sample, out, f"record {record.name}", read_image_size, video_file_problem)
+        if found:
+            problem = "; ".join(f"{name}: {message}" for name, message in found)
+            break
+    if problem is not None:
+        result.skipped.append(f"record {record.name}: {problem}")
+        return
+    handle.writelines(json.dumps(sample) + "\n" for sample in record.samples)
+    result.converted += len(record.samples)
+    result.dropped.update(record.dropped)
+

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vlreason.data.batch import load_sample_media
 from vlreason.data.jsonl import read_jsonl
 from vlreason.data.schema import Sample
-from vlreason.eval.evaluate import EvalReport, score_predictions
+from vlreason.eval.evaluate import EvalReport, Metrics, metric_rewards, score_predictions
 from vlreason.models.vlm import VLM
 from vlreason.rewards.answers import choice_index, normalise
 from vlreason.rewards.parsing import extract_answer
@@ -73,7 +73,7 @@ def vote(keys: Sequence[Any]) -> tuple[int, bool]:
 def evaluate_frame_scaling(vlm: VLM, data_path: str | Path, readers: Sequence[ClipReader], votes: int = 4,
                            temperature: float = 1.0, batch_size: int = 32, max_new_tokens: int = 64,
                            limit: int | None = None, seed: int = 0, progress: bool = True,
-                           loop: AgentLoop | None = None) -> EvalReport:
+                           loop: AgentLoop | None = None, metrics: Metrics | None = None) -> EvalReport:
     """The samples of ``data_path`` answered by sparse-to-dense frame scaling (module docstring).
 
     Args:
@@ -81,6 +81,7 @@ def evaluate_frame_scaling(vlm: VLM, data_path: str | Path, readers: Sequence[Cl
         votes: answers sampled per sample and round (>= 2).
         seed: seeds the sampling of every round.
         loop: how to roll out (default: the HF engine, one turn).
+        metrics: the metrics to report (``metric_spec``; default: the data's own).
     """
     if votes < 2 or not readers or temperature <= 0:
         raise ValueError(f"frame scaling needs votes >= 2, at least one frame budget and a temperature > 0 (got "
@@ -88,6 +89,7 @@ def evaluate_frame_scaling(vlm: VLM, data_path: str | Path, readers: Sequence[Cl
     samples = read_jsonl(data_path).samples[:limit]
     if not samples:
         raise ValueError(f"{data_path}: no samples to evaluate")
+    metric_rewards(samples, str(data_path), metrics)  # a metric the data cannot give fails before generating
     loop = loop or AgentLoop(vlm, HFEngine(vlm))
     vlm.model.eval()
     decided: dict[int, Decision] = {}
@@ -104,7 +106,8 @@ def evaluate_frame_scaling(vlm: VLM, data_path: str | Path, readers: Sequence[Cl
     order = sorted(decided)
     kept = [samples[i] for i in order]
     report = score_predictions(str(data_path), kept, [decided[i].text for i in order],
-                               [decided[i].decoder for i in order], [decided[i].truncated for i in order])
+                               [decided[i].decoder for i in order], [decided[i].truncated for i in order],
+                               metrics=metrics)
     report.metrics |= scaling_metrics([decided[i] for i in order], readers)
     return report
 

@@ -1,9 +1,11 @@
 """Run the stages of a config in order, each starting from the previous stage's final model.
 
-Before any stage trains, the whole config is checked (``preflight.check_pipeline``): data,
-rewards and output folders of every stage. The run holds a lock on ``output_dir`` throughout.
-Per stage: train, save ``<output_dir>/<stage>/final``, then evaluate it on ``data.eval`` (if
-set) into ``<stage>/eval.json`` and ``eval.md``. The resolved config is saved as
+Data named in another format (``data.train: coco:PATH``, see ``vlreason.data.sources``) is
+converted first, into ``<output_dir>/data/``. Before any stage trains, the whole config is
+checked (``preflight.check_pipeline``): data, rewards and output folders of every stage. The
+run holds a lock on ``output_dir`` throughout. Per stage: train, save
+``<output_dir>/<stage>/final``, then evaluate it on ``data.eval`` (if set) into
+``<stage>/eval.json`` and ``eval.md``. The resolved config is saved as
 ``<output_dir>/config.yaml`` and a summary of every stage as ``<output_dir>/pipeline.json``.
 
 An output folder holding an earlier run is refused unless ``resume`` (continue it) or
@@ -19,6 +21,7 @@ the others read and check the data themselves and train alongside it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -27,8 +30,9 @@ from typing import Any
 
 import yaml
 
-from vlreason.config import PipelineConfig, StageConfig, StageKind, as_dict, final_checkpoint
-from vlreason.eval import evaluate, write_report
+from vlreason.config import ConfigError, PipelineConfig, SourceConfig, StageConfig, StageKind, as_dict, final_checkpoint
+from vlreason.data.sources import converted_path, prepare_source
+from vlreason.eval import evaluate, metric_spec, write_report
 from vlreason.models.vlm import load_vlm
 from vlreason.rewards.api import get_reward
 from vlreason.rollout.agent import build_agent
@@ -58,12 +62,36 @@ def run_pipeline(config: PipelineConfig, resume: bool = False, overwrite: bool =
     out = Path(config.output_dir)
     ranks = processes()
     with RunLock(out) if ranks.is_main else contextlib.nullcontext():
+        ranks.on_main(lambda: resolve_sources(config))
+        if not ranks.is_main:
+            resolve_sources(config, convert=False)
         checked = ranks.on_main(lambda: _prepare(config, resume, overwrite))
         inputs = checked if ranks.is_main else {stage.name: stage_inputs(stage) for stage in config.stages}
         outcomes = [_run_or_skip(stage, resume, inputs[stage.name]) for stage in config.stages]
         if ranks.is_main:
             (out / "pipeline.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
     return outcomes
+
+
+def resolve_sources(config: PipelineConfig, convert: bool = True) -> None:
+    """Put each stage's converted JSONL file in place of a data source (``SourceConfig``),
+    converting it here (``convert``) or, on the other processes, where the main one did.
+
+    Raises:
+        ConfigError: a source that does not convert, naming its key.
+    """
+    cache = Path(config.output_dir) / "data"
+    for stage in config.stages:
+        for key in ("train", "eval"):
+            source = getattr(stage.data, key)
+            if not isinstance(source, SourceConfig):
+                continue
+            spec = dataclasses.asdict(source)
+            try:
+                path = prepare_source(spec, cache, stage.logging.progress) if convert else converted_path(spec, cache)
+            except ValueError as exc:
+                raise ConfigError(f"stages[{stage.name}].data.{key}: {exc}") from None
+            setattr(stage.data, key, str(path))
 
 
 def _prepare(config: PipelineConfig, resume: bool, overwrite: bool) -> dict[str, StageInputs]:
@@ -102,7 +130,8 @@ def evaluate_stage(stage: StageConfig) -> dict[str, Any] | None:
     report = evaluate(vlm, stage.data.eval, max_new_tokens=stage.rollout.max_new_tokens,
                       progress=stage.logging.progress, loop=stage_loop(vlm, stage, agent),
                       read_clip=stage_clip_reader(vlm, stage),
-                      safety=get_reward(safety.fn or "safety", **safety.options) if safety else None)
+                      safety=get_reward(safety.fn or "safety", **safety.options) if safety else None,
+                      metrics=metric_spec(stage.data.eval_metrics) if stage.data.eval_metrics else None)
     write_report(report, stage.output_dir, title=f"Evaluation after stage {stage.name}")
     logger.info("stage %s: %s", stage.name, ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()
                                                        if isinstance(v, float)))

@@ -23,8 +23,10 @@ from typing import Any
 from vlreason.config import ConfigError, PipelineConfig, StageConfig, StageKind, final_checkpoint
 from vlreason.data.jsonl import DataError, DataProblem, OnBadSample, read_jsonl
 from vlreason.data.schema import Sample
+from vlreason.eval.evaluate import metric_rewards, metric_spec
 from vlreason.models.adapters import VideoPrompt
 from vlreason.models.vlm import VLM, resolve_device
+from vlreason.registry import PluginError
 from vlreason.rewards.api import RewardFn, check_columns, get_reward
 from vlreason.rollout.agent import Agent, build_agent
 from vlreason.rollout.engine import ENGINES
@@ -92,7 +94,9 @@ def stage_inputs(stage: StageConfig) -> StageInputs:
     _check_video(stage, data.video_sources, f"{where}.data.train")
     samples = data.samples[: stage.data.max_samples]
     if stage.data.eval:
-        _check_video(stage, read_jsonl(stage.data.eval).video_sources, f"{where}.data.eval")
+        evaluation = read_jsonl(stage.data.eval)
+        _check_video(stage, evaluation.video_sources, f"{where}.data.eval")
+        _check_eval_metrics(stage, evaluation.samples, where)
     agent = build_agent(stage.agent.mode.value, stage.agent.tools, stage.agent.grounding_prompt)
     check_engine(stage.rollout.engine, stage.rollout.engine_options, f"{where}.rollout")
     _check_memory_window(stage, where)
@@ -255,6 +259,16 @@ def _check_video(stage: StageConfig, sources: list[str], key: str) -> None:
     if stage.kind is not StageKind.SFT and not getattr(ENGINES.resolve(stage.rollout.engine), "takes_video", False):
         raise ConfigError(f"{key}: {len(sources)} sample(s) have videos (first: {sources[0]}); the rollout engine "
                           f"{stage.rollout.engine!r} takes images only: set rollout.engine=hf for video data")
+
+
+def _check_eval_metrics(stage: StageConfig, samples: list[Sample], where: str) -> None:
+    """The chosen evaluation metrics parse, resolve and find their ground truth in ``data.eval``."""
+    if not stage.data.eval_metrics:
+        return
+    try:
+        metric_rewards(samples, str(stage.data.eval), metric_spec(stage.data.eval_metrics))
+    except (ValueError, PluginError) as exc:
+        raise ConfigError(f"{where}.data.eval_metrics: {exc}") from None
 
 
 def _check_memory_window(stage: StageConfig, where: str) -> None:

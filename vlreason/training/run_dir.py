@@ -23,7 +23,8 @@ from vlreason.config import ConfigError
 LOCK_FILE = ".vlreason.lock"
 PIPELINE_OUTPUTS = ("config.yaml", "pipeline.json")
 STAGE_OUTPUTS = ("checkpoint-*", "final", "final.tmp", "metrics.jsonl", "rollouts.jsonl", "tensorboard",
-                 "reward_curve.png", "eval.json", "eval.md", "stage.json", "wandb")
+                 "reward_curve.png", "eval.json", "eval.md", "metrics.png", "safety.png", "media", "stage.json",
+                 "wandb")
 
 
 class RunLock:

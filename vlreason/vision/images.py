@@ -81,13 +81,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def read_image_size(path: str | Path) -> Size:
     """``(width, height)`` from the file header without decoding pixels (EXIF rotation applied)."""
     name = _describe(path)
-    with _open(_read_bytes(path, name), name) as image:
+    data = _read_bytes(path, name)
+    with _open(data, name) as image:
         width, height = image.size
-        try:
-            orientation = image.getexif().get(0x0112, 1)
+        try:  # Pillow decodes a whole PNG to look for EXIF after its pixels: only when there is some
+            no_exif = image.format == "PNG" and "exif" not in image.info and b"eXIf" not in _png_chunk_types(data)
+            orientation = 1 if no_exif else image.getexif().get(0x0112, 1)
         except Exception:  # a malformed EXIF block: the pixels may still be fine
             orientation = 1
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _png_chunk_types(data: bytes) -> set[bytes]:
+    """The chunk types of a PNG file, read from the chunk headers (nothing is decompressed)."""
+    types, position = set(), 8
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        types.add(data[position + 4:position + 8])
+        position += 12 + length
+    return types
 
 
 def _describe(source: ImageSource) -> str:
