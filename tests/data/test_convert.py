@@ -150,3 +150,11 @@ def test_a_converted_llava_file_trains(llava, tmp_path):
     lines = (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_a_conversion_that_breaks_leaves_no_file(llava, tmp_path):
+    broken = llava.with_name("cut.json")
+    broken.write_text(llava.read_text()[:-40])
+    with pytest.raises(ValueError, match="the JSON breaks"):
+        convert("llava", broken, tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -50,6 +50,7 @@ def test_a_parquet_file_with_an_image_feature_and_a_mapping(rows, tmp_path):
     assert samples[1].extra == {"difficulty": "hard"}
     image = Image.open(result.path.parent / samples[1].images[0])
     assert image.size == (40, 30) and image.getpixel((0, 0)) == (0, 0, 255)
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 2  # nothing written for the skipped row
 
 
 def test_a_saved_dataset_folder_and_its_splits(rows, tmp_path):

@@ -266,10 +266,14 @@ def convert(fmt: str, src: str | Path, out_dir: str | Path, image_root: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     result = Conversion(out / f"{output_name(fmt, options)}.jsonl")
     partial = result.path.with_suffix(".jsonl.partial")
-    with partial.open("w") as handle:
-        for record in tqdm(FORMATS[fmt](src, target, **options), desc=f"convert {fmt}", unit="record",
-                           disable=not progress):
-            _write(record, handle, result, out)
+    try:
+        with partial.open("w") as handle:
+            for record in tqdm(FORMATS[fmt](src, target, **options), desc=f"convert {fmt}", unit="record",
+                               disable=not progress):
+                _write(record, handle, result, out)
+    except BaseException:  # a broken source, Ctrl-C, a full disk: no half file is left behind
+        partial.unlink(missing_ok=True)
+        raise
     result.skipped_path.write_text("".join(f"{line}\n" for line in result.skipped))
     if not result.converted:
         partial.unlink()

@@ -117,6 +117,8 @@ def _row(row: dict[str, Any], number: int, mapping: dict[str, str], names: list[
          target: Target) -> Converted:
     name = str(row.get(mapping["id"])) if "id" in mapping else f"row-{number}"
     try:
+        if not isinstance(row.get(mapping["prompt"]), str) or not row[mapping["prompt"]].strip():
+            raise RecordError(f"no question in column {mapping['prompt']!r}")
         sample: dict[str, Any] = {"id": name}
         for field_name, column in mapping.items():
             value = row.get(column)
@@ -126,8 +128,6 @@ def _row(row: dict[str, Any], number: int, mapping: dict[str, str], names: list[
                 sample["label"] = names[value]
             elif value is not None and field_name != "id":
                 sample[field_name] = value
-        if not isinstance(sample.get("prompt"), str) or not sample["prompt"].strip():
-            raise RecordError(f"no question in column {mapping['prompt']!r}")
     except RecordError as exc:
         return Converted(name, problem=str(exc))
     return Converted(name, [sample])
