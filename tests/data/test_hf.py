@@ -51,6 +51,8 @@ def test_a_parquet_file_with_an_image_feature_and_a_mapping(rows, tmp_path):
     image = Image.open(result.path.parent / samples[1].images[0])
     assert image.size == (40, 30) and image.getpixel((0, 0)) == (0, 0, 255)
     assert len(list((tmp_path / "out" / "images").iterdir())) == 2  # nothing written for the skipped row
+    with pytest.raises(ValueError, match="holds one split"):
+        convert("hf", tmp_path / "vqa.parquet", tmp_path / "x", split="test", columns={"prompt": "query"})
 
 
 def test_a_saved_dataset_folder_and_its_splits(rows, tmp_path):
@@ -63,6 +65,9 @@ def test_a_saved_dataset_folder_and_its_splits(rows, tmp_path):
     assert result.path.name == "hf_validation.jsonl" and result.converted == 1
     with pytest.raises(ValueError, match="no split 'test'; it has train, validation"):
         convert("hf", saved, tmp_path / "out", split="test", columns={"prompt": "query"})
+    _dataset(rows).save_to_disk(str(tmp_path / "one"))  # one split saved alone
+    assert convert("hf", tmp_path / "one", tmp_path / "one_out", progress=False, columns={"prompt": "query"}
+                   ).converted == 2
 
 
 def test_image_paths_default_columns_and_clear_errors(tmp_path, capsys):

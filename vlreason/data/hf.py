@@ -48,7 +48,7 @@ FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".js
 def hf(src: Path, target: Target, split: str | None = None, columns: dict[str, str] | None = None
        ) -> Iterator[Converted]:
     """The rows of a Hugging Face dataset as samples (module docstring)."""
-    dataset = open_dataset(src, split or "train")
+    dataset = open_dataset(src, split)
     first = next(iter(dataset), None)
     if first is None:
         raise ValueError(f"{src}: the dataset has no rows")
@@ -58,28 +58,33 @@ def hf(src: Path, target: Target, split: str | None = None, columns: dict[str, s
         yield _row(row, number, mapping, names, target)
 
 
-def open_dataset(src: Path, split: str) -> Any:
-    """The split of a local dataset file or folder, or of a hub id, as an iterable of row dicts.
+def open_dataset(src: Path, split: str | None) -> Any:
+    """The ``split`` (default ``train``) of a dataset folder or hub id, or the rows of a dataset
+    file (one split), as an iterable of row dicts.
 
     Raises:
-        ValueError: an unknown file type, a missing split, or a source that neither exists here
-            nor loads from the hub.
+        ValueError: an unknown file type, a split for a single file, a missing split, or a source
+            that neither exists here nor loads from the hub.
     """
     try:
         import datasets
     except ImportError:
         raise ValueError("format hf reads Hugging Face datasets: pip install 'vlreason[datasets]'") from None
+    saved = src.is_dir() and (src / "state.json").is_file()  # one Dataset.save_to_disk split
+    if (src.is_file() or saved) and split not in (None, "train"):
+        raise ValueError(f"{src}: holds one split; --split (options.split) is for a folder of splits or a hub id")
     if src.is_file():
         if src.suffix not in FILE_BUILDERS:
             raise ValueError(f"{src}: give a {', '.join(FILE_BUILDERS)} file, a dataset folder or a hub id")
         return datasets.load_dataset(FILE_BUILDERS[src.suffix], data_files=str(src), split="train", streaming=True)
-    if src.is_dir() and ((src / "state.json").is_file() or (src / "dataset_dict.json").is_file()):
-        saved = datasets.load_from_disk(str(src))
-        if isinstance(saved, datasets.DatasetDict):
-            if split not in saved:
-                raise ValueError(f"{src}: no split {split!r}; it has {', '.join(saved)} (set --split)")
-            return saved[split]
-        return saved
+    if saved:
+        return datasets.load_from_disk(str(src))
+    split = split or "train"
+    if src.is_dir() and (src / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
+        splits = datasets.load_from_disk(str(src))
+        if split not in splits:
+            raise ValueError(f"{src}: no split {split!r}; it has {', '.join(splits)} (set --split)")
+        return splits[split]
     try:
         return datasets.load_dataset(str(src), split=split, streaming=True)
     except Exception as exc:  # noqa: BLE001 - hub, network and builder errors all mean "cannot load this"

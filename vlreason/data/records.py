@@ -96,7 +96,11 @@ def object_lists(src: Path, keys: tuple[str, ...], kind: str = "JSON object", ch
         if stream.peek() != "{":
             raise ValueError(f"{src}: not a {kind} (one JSON object {{...}})")
         stream.expect("{")
-        while not stream.ends_with("}"):
+        first = True
+        while stream.peek() != "}":
+            if not first:
+                stream.expect(",")
+            first = False
             key = stream.value()
             stream.expect(":")
             if key not in keys:
@@ -130,16 +134,6 @@ class JsonStream:
         if self.peek() != char:
             raise self._broken(f"expected {char!r}", self.pos)
         self.pos += 1
-
-    def ends_with(self, closer: str) -> bool:
-        """Between the entries of an object: True (consumed) at ``closer``; else consume the ','
-        that comes between entries (none before the first)."""
-        if self.peek() == closer:
-            self.pos += 1
-            return True
-        if self.peek() == ",":
-            self.pos += 1
-        return False
 
     def items(self) -> Iterator[Any]:
         """The items of the list that starts here, one at a time."""
