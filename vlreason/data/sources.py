@@ -1,7 +1,7 @@
 """Training and evaluation data named in another format, converted on the fly.
 
-A config's ``data.train`` / ``data.eval`` is a vlreason JSONL file, ``FORMAT:PATH`` (``coco:
-annotations/instances_val2017.json``), or a mapping::
+A config's ``data.train`` / ``data.eval`` is a vlreason JSONL file, ``FORMAT:PATH``
+(``llava:llava_instruct.json``: image paths from the source's folder, no options), or a mapping::
 
     data:
       train: {format: refcoco, path: refcoco/refs(unc).p, image_root: coco/train2014,
