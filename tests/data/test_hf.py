@@ -87,3 +87,11 @@ def test_image_paths_default_columns_and_clear_errors(tmp_path, capsys):
         capsys.readouterr().err
     assert main(["data", "convert", "hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "nowhere: not a file or folder here, and as a hub id it does not load" in capsys.readouterr().err
+
+
+def test_an_answer_given_as_the_index_of_a_choice_becomes_its_letter(tmp_path):
+    rows = [{"question": "Which is a bird?", "choices": ["cat", "owl", "fish"], "answer": 1},
+            {"question": "How many legs?", "choices": ["1", "2", "4"], "answer": 2}]  # 2 is an option: kept
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = read_jsonl(convert("hf", tmp_path / "mc.jsonl", tmp_path / "out", progress=False).path).samples
+    assert [s.answer for s in samples] == ["B", "2"]

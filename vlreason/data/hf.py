@@ -24,13 +24,16 @@ field          default columns
 (``{"bytes": ...}`` or raw), a path (against ``--image-root``), or a list of those; decoded
 images are written as PNG and encoded ones as they are, under ``DIR/images/``. An integer
 ``label`` of a ``ClassLabel`` feature becomes its class name. A field not in the schema (e.g.
-``--column difficulty=level``) is kept as an extra column; columns not mapped are left out. A
+``--column difficulty=level``) is kept as an extra column; an integer ``answer`` with ``choices``
+is the index of the right option (ScienceQA, A-OKVQA) and becomes its letter, unless the number is
+itself one of the options; columns not mapped are left out. A
 row without a question or with an unreadable image is skipped with the row's id and the reason.
 """
 
 from __future__ import annotations
 
 import io
+import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,9 +136,20 @@ def _row(row: dict[str, Any], number: int, mapping: dict[str, str], names: list[
                 sample["label"] = names[value]
             elif value is not None and field_name != "id":
                 sample[field_name] = value
+        if "answer" in sample:
+            sample["answer"] = _choice_letter(sample["answer"], sample.get("choices"))
     except RecordError as exc:
         return Converted(name, problem=str(exc))
     return Converted(name, [sample])
+
+
+def _choice_letter(answer: Any, choices: Any) -> Any:
+    """An integer answer to a list of choices as the letter of the option it indexes (ScienceQA,
+    A-OKVQA), unless it is itself an option's text ("2" among "1", "2", "3" stays)."""
+    if isinstance(answer, int) and not isinstance(answer, bool) and isinstance(choices, list) \
+            and str(answer) not in map(str, choices) and 0 <= answer < min(len(choices), 26):
+        return string.ascii_uppercase[answer]
+    return answer
 
 
 def _images(value: Any, number: int, target: Target) -> list[str]:
