@@ -21,9 +21,10 @@ stage, ``grpo.optim.learning_rate=1e-4`` only the stage named ``grpo``, ``seed=1
 Values are read as YAML (``true``, ``[1, 2]``, ``{a: 1}``).
 
 Relative paths follow one rule, in the file as on the command line: they are relative to the
-working directory ``vlreason`` runs in (data, eval, reward plugin files, output folders, a
-local model, a DeepSpeed config). ``load_config`` makes them absolute, so the resolved config (saved as
-``output_dir/config.yaml``) means the same from anywhere.
+working directory ``vlreason`` runs in (data, eval, a data source's paths, reward and metric
+plugin files, output folders, a local model, a DeepSpeed config). ``load_config`` makes them
+absolute, so the resolved config (saved as ``output_dir/config.yaml``) means the same from
+anywhere.
 
 ``load_config`` validates everything once: unknown keys (with the closest match), wrong types
 and values outside the allowed choices fail with the full key path.
@@ -551,8 +552,8 @@ def _split_overrides(raw: dict[str, Any], stage_names: list[str], overrides: lis
 
 def _with_absolute_paths(stage: StageConfig) -> StageConfig:
     """Resolve the stage's relative paths against the working directory (the one rule, see the
-    module docstring): data files, output folder, reward plugin files, a local model folder and a
-    DeepSpeed config."""
+    module docstring): data files and sources, output folder, reward and metric plugin files, a
+    local model folder and a DeepSpeed config."""
     stage.output_dir = _absolute(stage.output_dir)
     stage.data.train = _absolute_data(stage.data.train, f"stages[{stage.name}].data.train")
     if stage.data.eval:
