@@ -1,10 +1,14 @@
 """``vlreason data convert hf``: local parquet, arrow folders and JSON written by the tests, image
-columns as decoded images, bytes and paths, a column mapping, and rows that cannot convert named."""
+columns as decoded images, bytes and paths, a column mapping, and rows that cannot convert named.
+The ``datasets`` extra is optional: without it these tests skip, and the command says what to
+install."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
 
 import pytest
 from PIL import Image
@@ -12,6 +16,9 @@ from PIL import Image
 from vlreason.cli import main
 from vlreason.data.convert import convert
 from vlreason.data.jsonl import read_jsonl
+
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
+                                    reason="the datasets extra is not installed")
 
 
 def _png(colour, size=(40, 30)) -> bytes:
@@ -38,6 +45,7 @@ def _dataset(rows):
                                       features=features)
 
 
+@needs_datasets
 def test_a_parquet_file_with_an_image_feature_and_a_mapping(rows, tmp_path):
     _dataset(rows).to_parquet(str(tmp_path / "vqa.parquet"))
     result = convert("hf", tmp_path / "vqa.parquet", tmp_path / "out", progress=False,
@@ -55,6 +63,7 @@ def test_a_parquet_file_with_an_image_feature_and_a_mapping(rows, tmp_path):
         convert("hf", tmp_path / "vqa.parquet", tmp_path / "x", split="test", columns={"prompt": "query"})
 
 
+@needs_datasets
 def test_a_saved_dataset_folder_and_its_splits(rows, tmp_path):
     import datasets
 
@@ -70,6 +79,7 @@ def test_a_saved_dataset_folder_and_its_splits(rows, tmp_path):
                    ).converted == 2
 
 
+@needs_datasets
 def test_image_paths_default_columns_and_clear_errors(tmp_path, capsys):
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     (tmp_path / "qa.jsonl").write_text(
@@ -89,9 +99,17 @@ def test_image_paths_default_columns_and_clear_errors(tmp_path, capsys):
     assert "nowhere: not a file or folder here, and as a hub id it does not load" in capsys.readouterr().err
 
 
+@needs_datasets
 def test_an_answer_given_as_the_index_of_a_choice_becomes_its_letter(tmp_path):
     rows = [{"question": "Which is a bird?", "choices": ["cat", "owl", "fish"], "answer": 1},
             {"question": "How many legs?", "choices": ["1", "2", "4"], "answer": 2}]  # 2 is an option: kept
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples = read_jsonl(convert("hf", tmp_path / "mc.jsonl", tmp_path / "out", progress=False).path).samples
     assert [s.answer for s in samples] == ["B", "2"]
+
+
+def test_without_the_datasets_extra_the_error_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "Q?"}) + "\n")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'vlreason\[datasets\]'"):
+        convert("hf", tmp_path / "qa.jsonl", tmp_path / "out", progress=False)
