@@ -233,6 +233,30 @@ def test_refcoco_sentences_become_grounding_samples_of_one_split(refs, tmp_path)
         convert("refcoco", refs, tmp_path / "out", image_root=tmp_path / "train2014")
 
 
+def _python2_pickle(value) -> bytes:
+    """``value`` (lists, dicts, short strings, ints) pickled as Python 2 writes it: protocol 2,
+    strings as UTF-8 byte strings (SHORT_BINSTRING), as the released refs files are."""
+    def encode(item):
+        if isinstance(item, str):
+            return b"U" + bytes([len(item.encode())]) + item.encode()
+        if isinstance(item, int):
+            return b"J" + item.to_bytes(4, "little", signed=True)
+        if isinstance(item, list):
+            return b"]" + (b"(" + b"".join(map(encode, item)) + b"e" if item else b"")
+        return b"}" + (b"(" + b"".join(encode(k) + encode(v) for k, v in item.items()) + b"u" if item else b"")
+    return b"\x80\x02" + encode(value) + b"."
+
+
+def test_a_python2_refs_pickle_reads_as_text(refs, tmp_path):
+    py2 = refs.with_name("refs(google).p")
+    py2.write_bytes(_python2_pickle([{"ref_id": 7, "ann_id": 100, "image_id": 9, "split": "train",
+                                      "sentences": [{"sent_id": 70, "sent": "man by the café"}]}]))
+    result = convert("refcoco", py2, tmp_path / "out", image_root=tmp_path / "train2014", split="train",
+                     progress=False)
+    (sample,) = read_jsonl(result.path).samples
+    assert sample.id == "ref-7-70" and '"man by the café"' in sample.messages[0]["content"][-1]["text"]
+
+
 def test_a_refs_pickle_that_asks_for_code_is_refused(refs, tmp_path):
     class Payload:
         def __reduce__(self):

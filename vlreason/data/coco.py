@@ -33,7 +33,8 @@ names the instances file (default: ``instances.json`` beside it). Option ``split
 becomes a grounding sample, the referring expression as the question and the referred
 annotation's box as the answer (RefCOCO accuracy is then evaluation's ``iou@0.5``). The pickle is
 read by an unpickler that builds only plain data (lists, dicts, strings, numbers): a refs file
-that asks for anything else is refused, so a tampered file cannot run code.
+that asks for anything else is refused, so a tampered file cannot run code. The released files
+are Python 2 pickles; their byte strings are read as UTF-8 text.
 """
 
 from __future__ import annotations
@@ -274,12 +275,23 @@ def read_refs(src: Path) -> list[Any]:
         return list(read_records(src))
     try:
         with src.open("rb") as handle:
-            refs = _PlainUnpickler(handle, encoding="latin1").load()
+            refs = _text(_PlainUnpickler(handle, encoding="bytes").load())
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise ValueError(f"{src}: not a refs pickle ({exc})") from None
     if not isinstance(refs, list):
         raise ValueError(f"{src}: a refs file holds a list of refs, got {type(refs).__name__}")
     return refs
+
+
+def _text(value: Any) -> Any:
+    """Python 2's byte strings (the released refs files' keys and sentences) as UTF-8 text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_text(item) for item in value]
+    if isinstance(value, dict):
+        return {_text(key): _text(item) for key, item in value.items()}
+    return value
 
 
 class _PlainUnpickler(pickle.Unpickler):
