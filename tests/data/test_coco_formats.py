@@ -154,7 +154,7 @@ def test_grounding_takes_each_object_whose_category_is_alone_in_its_image(scene,
     assert samples[0].boxes == [(10.0, 10.0, 30.0, 30.0)] and samples[0].labels is None
     assert "Where is the dog?" in json.dumps(samples[0].messages[0]["content"])
     assert result.dropped["objects sharing their category in the image"] == 2
-    assert result.dropped["crowd regions (kept in crowd_regions)"] == 1
+    assert result.dropped["crowd regions (not objects to locate)"] == 1
     with pytest.raises(ValueError, match="task 'segmentation': choose detection or grounding"):
         convert("coco", scene, tmp_path / "x", task="segmentation")
     with pytest.raises(ValueError, match="format coco: unknown option 'split'; it takes: task"):

@@ -160,7 +160,9 @@ def image_samples(image: dict[str, Any], annotations: list[Annotation], categori
         return result
     if task == "detection":
         result.samples = [_detection(result.name, images, objects, crowd)]
+        result.dropped["crowd regions (kept in crowd_regions)"] += len(crowd)
         return result
+    result.dropped["crowd regions (not objects to locate)"] += len(crowd)
     counts = Counter(label for _, label, _ in objects) + Counter(label for _, label in crowd)
     result.samples = [_grounding(f"{result.name}-{ann_id}", images, box, label)
                       for box, label, ann_id in objects if counts[label] == 1]
@@ -188,7 +190,6 @@ def _objects(image: dict[str, Any], annotations: list[Annotation], categories: d
         label = categories[annotation.category_id]["name"]
         if annotation.crowd:
             crowd.append((box, label))
-            dropped["crowd regions (kept in crowd_regions)"] += 1
         elif box[2] > box[0] and box[3] > box[1]:
             objects.append((box, label, annotation.id))
         else:
@@ -199,12 +200,13 @@ def _objects(image: dict[str, Any], annotations: list[Annotation], categories: d
 
 
 def _xyxy(annotation: Annotation, width: int, height: int) -> list[float]:
-    """``[x, y, w, h]`` -> ``[x1, y1, x2, y2]`` clamped to the image."""
+    """``[x, y, w, h]`` -> ``[x1, y1, x2, y2]`` clamped to the image (rounded to 1e-6 pixels: COCO gives
+    two decimals, so this removes only the float noise of ``x + w``)."""
     bbox = annotation.bbox
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
         raise RecordError(f"annotation {annotation.id}: bbox must be [x, y, w, h], got {bbox!r}")
     x, y, w, h = bbox
-    return [max(0.0, float(x)), max(0.0, float(y)), min(float(width), x + w), min(float(height), y + h)]
+    return [round(v, 6) for v in (max(0.0, x), max(0.0, y), min(width, x + w), min(height, y + h))]
 
 
 def _detection(name: str, images: list[str], objects: list[tuple[list[float], str, Any]],
