@@ -44,8 +44,8 @@ def test_mis_records_map_to_the_schema_and_bad_ones_are_named(source, tmp_path):
     assert result.converted == 3
     assert result.skipped == [
         "record bad-question: no question: give 'question' (or 'instruction' / 'prompt')",
-        f"record bad-image: image not found: {source.parent / 'imgs/missing.png'} (set --image-root to the folder "
-        "the paths start from)",
+        f"record bad-image: image not found: {source.parent / 'imgs/missing.png'} (set --image-root, or a config "
+        "source's image_root, to the folder the paths start from)",
         "record bad-label: safety_label must be safe or unsafe, got 'maybe'",
         "record no-category: an unsafe record needs its 'category'",
         "record no-images: no images: give image1, image2, ... or 'images' (a list of paths)",

@@ -54,7 +54,8 @@ class Target:
         resolved = [os.path.join(self.image_root, path) for path in paths]
         missing = [path for path in resolved if not os.path.isfile(path)]
         if missing:
-            raise RecordError(f"{kind} not found: {missing[0]} (set --image-root to the folder the paths start from)")
+            raise RecordError(f"{kind} not found: {missing[0]} (set --image-root, or a config source's image_root, "
+                              "to the folder the paths start from)")
         return [os.path.relpath(os.path.abspath(path), self._out) for path in resolved]
 
     @cached_property
