@@ -96,12 +96,7 @@ def object_lists(src: Path, keys: tuple[str, ...], kind: str = "JSON object", ch
         stream = JsonStream(src, opened, chunk_chars)
         if stream.peek() != "{":
             raise ValueError(f"{src}: not a {kind} (one JSON object {{...}})")
-        stream.expect("{")
-        first = True
-        while stream.peek() != "}":
-            if not first:
-                stream.expect(",")
-            first = False
+        for _ in stream.entries("{", "}"):
             key = stream.value()
             stream.expect(":")
             if key not in keys:
@@ -138,13 +133,19 @@ class JsonStream:
 
     def items(self) -> Iterator[Any]:
         """The items of the list that starts here, one at a time."""
-        self.expect("[")
+        for _ in self.entries("[", "]"):
+            yield self.value()
+
+    def entries(self, opener: str, closer: str) -> Iterator[None]:
+        """Step through the list or object that starts here: once per entry, with the stream at
+        the entry for the caller to read (the commas between entries checked and consumed)."""
+        self.expect(opener)
         first = True
-        while self.peek() != "]":
+        while self.peek() != closer:
             if not first:
                 self.expect(",")
             first = False
-            yield self.value()
+            yield
         self.pos += 1
 
     def value(self) -> Any:
