@@ -194,7 +194,8 @@ def run_eval(args: argparse.Namespace) -> int:
         refuse_training_checkpoint(model)
     mode = "tools" if args.tools else "grounding" if args.grounding else "none"
     agent = build_agent(mode, args.tools or ())  # unknown tools fail before the model loads
-    safety = get_reward("safety", **dict(_parse_option(o) for o in args.safety_option)) if args.safety_option else None
+    safety = (get_reward("safety", **dict(_parse_option(o, "--safety-option") for o in args.safety_option))
+              if args.safety_option else None)
     _quiet_transformers()
     sampling = FrameSampling(fps=args.video_fps, min_frames=args.video_min_frames, max_frames=args.video_max_frames)
     if args.memory_window and not args.tools:
@@ -316,7 +317,7 @@ def run_data_convert(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in ("task", "frequency", "split", "instances")
                if getattr(args, key) is not None}
     if args.column:
-        options["columns"] = dict(_column(text) for text in args.column)
+        options["columns"] = dict(_pair(text, "--column") for text in args.column)
     wrong = sorted(set(options) - set(format_options(args.format)))
     if wrong:
         raise ValueError(f"--{wrong[0]} does not apply to format {args.format}")
@@ -330,14 +331,6 @@ def run_data_convert(args: argparse.Namespace) -> int:
     print(f"converted {result.converted} sample(s) to {result.path}; skipped {len(result.skipped)} record(s)"
           + (f", listed in {result.skipped_path}" if result.skipped else ""))
     return 0
-
-
-def _column(text: str) -> tuple[str, str]:
-    """``FIELD=COLUMN`` of ``--column``."""
-    name, sep, column = text.partition("=")
-    if not sep or not name or not column:
-        raise ValueError(f"--column {text!r}: write FIELD=COLUMN, e.g. --column prompt=question")
-    return name, column
 
 
 def run_data_subset(args: argparse.Namespace) -> int:
@@ -582,7 +575,7 @@ def run_rewards_check(args: argparse.Namespace) -> int:
 
     if args.option and len(args.specs) > 1:
         raise ValueError("--option applies to a single SPEC; check rewards with options one at a time")
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(_parse_option(o, "--option") for o in args.option)
     rewards = {spec: get_reward(spec, **options) for spec in args.specs}
     data = read_jsonl(args.data)
     check_columns(rewards, data.columns, args.data, data.samples)
@@ -599,10 +592,17 @@ def run_rewards_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_option(text: str) -> tuple[str, object]:
+def _pair(text: str, flag: str) -> tuple[str, str]:
+    """``KEY=VALUE`` given to ``flag``, split at the first '='."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"--option {text!r}: expected KEY=VALUE")
+        raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+def _parse_option(text: str, flag: str) -> tuple[str, object]:
+    """``KEY=VALUE`` given to ``flag``, the value read as YAML (``0.5``, ``true``, ``[1, 2]``)."""
+    key, value = _pair(text, flag)
     return key, yaml.safe_load(value)
 
 

@@ -164,7 +164,7 @@ def image_samples(image: dict[str, Any], annotations: list[Annotation], categori
         return result
     result.dropped["crowd regions (not objects to locate)"] += len(crowd)
     counts = Counter(label for _, label, _ in objects) + Counter(label for _, label in crowd)
-    result.samples = [_grounding(f"{result.name}-{ann_id}", images, box, label)
+    result.samples = [_grounding(f"{result.name}-{ann_id}", images, box, f"Where is the {label}? {BOX_ANSWER}")
                       for box, label, ann_id in objects if counts[label] == 1]
     result.dropped["objects sharing their category in the image"] += len(objects) - len(result.samples)
     if not result.samples:
@@ -217,10 +217,9 @@ def _detection(name: str, images: list[str], objects: list[tuple[list[float], st
     return sample | ({"crowd_regions": [{"box": box, "label": label} for box, label in crowd]} if crowd else {})
 
 
-def _grounding(name: str, images: list[str], box: list[float], what: str, question: str | None = None
-               ) -> dict[str, Any]:
+def _grounding(name: str, images: list[str], box: list[float], question: str) -> dict[str, Any]:
     """A single-box sample; the SFT reference rounds the box to whole pixels, the ground truth keeps it."""
-    return {"id": name, "images": images, "prompt": question or f"Where is the {what}? {BOX_ANSWER}",
+    return {"id": name, "images": images, "prompt": question,
             "boxes": [box], "response": f"<answer>{json.dumps(_rounded(box))}</answer>"}
 
 
@@ -262,8 +261,8 @@ def _ref_samples(ref: dict[str, Any], number: int, index: CocoIndex, boxes: dict
     except RecordError as exc:
         result.problem = str(exc)
         return result
-    result.samples = [_grounding(f"{result.name}-{sent_id}", images, box, text,
-                                 f'Where is "{text.strip()}"? {BOX_ANSWER}') for sent_id, text in sentences if text]
+    result.samples = [_grounding(f"{result.name}-{sent_id}", images, box, f'Where is "{text.strip()}"? {BOX_ANSWER}')
+                      for sent_id, text in sentences if text]
     return result
 
 
